@@ -1,0 +1,30 @@
+# `make test` and `make demo` work from a fresh clone: they create .venv and install what is needed.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned: this exact version is served as a CPU wheel from local disk; an open range pulls a CUDA build.
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[test,examples,triton]" $(TORCH_PIN)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Triton kernels for MQSP's local partial attention (installed as ``lightning_mqsp.kernels``)."""
