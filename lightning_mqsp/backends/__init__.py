@@ -112,9 +112,11 @@ def reduce_kv_heads(grad: Tensor, num_kv_heads: int) -> Tensor:
 def _register_builtin() -> None:
     from lightning_mqsp.backends.cpu_flash import CpuFlashBackend
     from lightning_mqsp.backends.reference import ReferenceBackend
+    from lightning_mqsp.backends.triton import TritonBackend
 
     register_backend("reference", ReferenceBackend)
     register_backend("cpu_flash", CpuFlashBackend)
+    register_backend("triton", TritonBackend)
 
 
 _register_builtin()
