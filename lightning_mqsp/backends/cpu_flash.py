@@ -96,6 +96,14 @@ def _merge_into(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) ->
     lse.copy_(merged)
 
 
+def _output_with_delta(dout: Tensor, delta: Tensor) -> Tensor:
+    """A stand-in for the global output O, whose only use in the kernel's backward is
+    delta = rowsum(dout * O): dout * delta / |dout|^2 has exactly that row sum, so the rows'
+    outputs need not travel between ranks. Rows with dout = 0 have delta = 0 and get 0."""
+    norm = (dout * dout).sum(dim=-1, keepdim=True)
+    return dout * torch.where(norm > 0, delta.unsqueeze(-1) / norm, torch.zeros_like(norm))
+
+
 class CpuFlashBackend:
     name = "cpu_flash"
 
@@ -123,12 +131,12 @@ class CpuFlashBackend:
         return out, lse
 
     def backward(
-        self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, delta: Tensor,
-        mask: AttentionMask, scale: float,
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: AttentionMask, scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         heads, num_kv_heads = q.size(1), k.size(1)
         q, k, v = q.float(), expand_kv_heads(k.float(), heads), expand_kv_heads(v.float(), heads)
-        out, dout = out.float(), dout.float()
+        dout = dout.float()
+        out = _output_with_delta(dout, delta)
         # The kernel recomputes p = exp(s - lse): a row with no key anywhere (lse = -inf) must give p = 0.
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -60,8 +60,7 @@ class ReferenceBackend:
         return torch.matmul(probs, expand_kv_heads(v.float(), heads)), lse
 
     def backward(
-        self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, delta: Tensor,
-        mask: AttentionMask, scale: float,
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: AttentionMask, scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         batch, heads = q.shape[:2]
         probs, _ = self._probabilities(q, k, mask, scale, lse)

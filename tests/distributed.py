@@ -1,0 +1,94 @@
+"""A pool of gloo worker processes that tests hand functions to.
+
+Starting processes and importing torch costs seconds, so each world size gets one pool for the
+whole session. Every call has a deadline: a deadlock fails the test (and the pool is rebuilt),
+it never hangs CI. The process group itself has a short timeout too, so a collective that
+waits for a rank that never comes raises inside the worker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 30
+
+
+def _worker(rank: int, world_size: int, init_method: str, tasks: Any, results: Any, pg_timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=pg_timeout_s),
+    )
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, True, fn(*args)))
+        except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerPool:
+    def __init__(self, world_size: int, pg_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        fd, path = tempfile.mkstemp(prefix="mqsp-pg-")
+        os.close(fd)
+        os.remove(path)  # file:// rendezvous wants a path that does not exist yet
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        self.processes = [
+            ctx.Process(target=_worker, args=(r, world_size, f"file://{path}", self.tasks[r], self.results, pg_timeout_s), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in self.processes:
+            p.start()
+        self.broken = False
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:
+        """Run ``fn(*args)`` on every rank; return the per-rank results or raise the first failure."""
+        for task_queue in self.tasks:
+            task_queue.put((fn, args))
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        try:
+            while len(outcomes) < self.world_size:
+                rank, ok, value = self.results.get(timeout=timeout)
+                outcomes[rank] = (ok, value)
+        except queue.Empty:
+            self.close(force=True)
+            raise TimeoutError(f"{fn.__name__} did not finish on ranks {sorted(set(range(self.world_size)) - set(outcomes))} within {timeout}s (deadlock?)") from None
+        failures = {r: v for r, (ok, v) in outcomes.items() if not ok}
+        if failures:
+            rank = min(failures)
+            raise WorkerError(rank, failures[rank], failures)
+        return [outcomes[r][1] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        self.broken = True
+        for p in self.processes:
+            if force:
+                p.kill()
+            else:
+                self.tasks[self.processes.index(p)].put(None)
+        for p in self.processes:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+class WorkerError(AssertionError):
+    def __init__(self, rank: int, trace: str, failures: dict[int, str]) -> None:
+        super().__init__(f"rank {rank} failed (failed ranks: {sorted(failures)}):\n{trace}")
+        self.failures = failures
