@@ -8,9 +8,9 @@ the *partial* result that the distributed softmax merges across ranks:
     ``lse`` [B, H, M] are float32; a row with no visible key here has ``lse = -inf`` and
     ``out = 0``.
 
-``backward(q, k, v, out, dout, lse, delta, mask, scale) -> (dq, dk, dv)``
-    ``out``, ``lse`` and ``delta = rowsum(dout * out)`` are the *global* (merged) values for
-    the M rows, so the result is exactly this rank's share of the gradient: ``dq`` [B, H, M, D]
+``backward(q, k, v, dout, lse, delta, mask, scale) -> (dq, dk, dv)``
+    ``lse`` and ``delta = rowsum(dout * out)`` are float32 [B, H, M] and *global*: computed
+    from the merged output of the M rows, so the result is exactly this rank's share of the gradient: ``dq`` [B, H, M, D]
     (float32, partial: summed over ranks by the caller), ``dk`` and ``dv`` [B, H_kv, N, D]
     (float32). Rows with ``lse = -inf`` contribute nothing.
 
@@ -52,8 +52,7 @@ class LocalAttentionBackend(Protocol):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float) -> tuple[Tensor, Tensor]: ...
 
     def backward(
-        self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, delta: Tensor,
-        mask: AttentionMask, scale: float,
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: AttentionMask, scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
