@@ -1,0 +1,129 @@
+"""Bad input raises the same clear ValueError on every rank, before any attention collective."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_mqsp import mqsp_attention
+
+
+def _inputs(rank: int, heads: int = 4, kv_heads: int = 4, length: int = 8, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(rank)
+    q = torch.randn(2, heads, length, 16, generator=g).to(dtype)
+    k = torch.randn(2, kv_heads, length, 16, generator=g).to(dtype)
+    return q, k, k.clone()
+
+
+def _call(problem: str) -> str:
+    """Make one kind of mistake (on one rank only where that is the realistic case); return the error."""
+    rank = dist.get_rank()
+    q, k, v = _inputs(rank)
+    kwargs: dict = {}
+    if problem == "length_mismatch" and rank == 1:
+        q, k, v = _inputs(rank, length=10)
+    elif problem == "heads_not_divisible" and rank == 1:
+        q, k, v = _inputs(rank, heads=4, kv_heads=3)
+    elif problem == "dtype_mismatch" and rank == 0:
+        k = k.half()
+    elif problem == "dtype_differs_across_ranks" and rank == 1:
+        q, k, v = _inputs(rank, dtype=torch.bfloat16)
+    elif problem == "device_mismatch" and rank == 1:
+        v = v.to("meta")
+    elif problem == "full_length_mask":  # a user passing the unsharded mask
+        kwargs["key_padding_mask"] = torch.ones(2, 8 * dist.get_world_size(), dtype=torch.bool)
+    elif problem == "float_mask":
+        kwargs["key_padding_mask"] = torch.ones(2, 8)
+    elif problem == "micro_q_size_zero":
+        kwargs["micro_q_size"] = 0
+    elif problem == "bad_layout":
+        kwargs["layout"] = "striped"
+    elif problem == "bad_dropout":
+        kwargs["dropout_p"] = 1.0
+    elif problem == "causal_differs_across_ranks":
+        kwargs["causal"] = rank == 0
+    elif problem == "unsharded_query" and rank == 0:  # rank 0 passes the whole sequence
+        q = torch.cat([q, q], dim=2)
+    try:
+        mqsp_attention(q, k, v, **kwargs)
+    except ValueError as error:
+        # The pool is still usable: a collective after the error must go through on every rank.
+        dist.barrier()
+        return str(error)
+    return "no error"
+
+
+PROBLEMS = {
+    "length_mismatch": "local_seq_len` differs",
+    "heads_not_divisible": "multiple of the key/value heads",
+    "dtype_mismatch": "must share a dtype",
+    "dtype_differs_across_ranks": "`dtype` differs",
+    "device_mismatch": "one device",
+    "full_length_mask": "pass this rank's shard of the mask",
+    "float_mask": "must be bool",
+    "micro_q_size_zero": "micro_q_size must be a positive int",
+    "bad_layout": "layout must be one of",
+    "bad_dropout": "dropout_p must be in [0, 1)",
+    "causal_differs_across_ranks": "`causal` differs",
+    "unsharded_query": "do not match query",
+}
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_bad_input_raises_on_every_rank(workers, problem: str) -> None:
+    messages = workers(2).run(_call, problem, timeout=60)
+    for rank, message in enumerate(messages):
+        assert message.startswith("mqsp_attention:"), f"rank {rank}: {message}"
+    # The rank that made the mistake names the fix; the others point to it.
+    assert any(PROBLEMS[problem] in m for m in messages), messages
+
+
+def _call_outside_group() -> str:
+    only_rank_0 = dist.new_group([0])
+    q, k, v = _inputs(dist.get_rank())
+    try:
+        mqsp_attention(q, k, v, group=only_rank_0)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_rank_outside_the_group_is_told_so(workers) -> None:
+    rank0, rank1 = workers(2).run(_call_outside_group, timeout=60)
+    assert rank0 == "no error"  # a group of one rank: plain local attention
+    assert "not a member of the process group" in rank1
+
+
+def _missing_partner(timeout_s: float) -> str:
+    """Rank 0 calls mqsp_attention, rank 1 never does: the collective must time out, not hang."""
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.get_rank() == 1:
+        return "skipped the call"
+    q, k, v = _inputs(0)
+    try:
+        mqsp_attention(q, k, v, group=group)
+    except RuntimeError as error:
+        return f"raised: {error}"
+    return "no error"
+
+
+@pytest.mark.timeout(90)
+def test_a_missing_rank_times_out_instead_of_hanging(workers) -> None:
+    pool = workers(2)
+    rank0, rank1 = pool.run(_missing_partner, 2.0, timeout=60)
+    assert rank1 == "skipped the call"
+    assert rank0.startswith("raised:") and "timed out" in rank0.lower(), rank0
+    pool.close(force=True)  # rank 0's connection may be left half-open: start the next tests on a fresh pool
+
+
+def test_single_process_errors_are_raised_directly() -> None:
+    q, k, v = _inputs(0)
+    with pytest.raises(ValueError, match="micro_q_size"):
+        mqsp_attention(q, k, v, micro_q_size=-1)
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        mqsp_attention(q, k, v, backend="cuda_magic")
+    with pytest.raises(ValueError, match="cannot run these inputs"):
+        mqsp_attention(q, k, v, backend="cpu_flash", dropout_p=0.1)
