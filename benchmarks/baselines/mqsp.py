@@ -1,0 +1,37 @@
+"""MQSP itself (:func:`lightning_mqsp.mqsp_attention`), wrapped as a benchmark method."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_mqsp import auto_micro_q_size, mqsp_attention
+from lightning_mqsp.attention import communication_bytes as mqsp_communication_bytes
+
+from .common import Method, ProcessGroup, Shape, inputs_and_grads_bytes
+
+#: Local-shard-sized buffers at the peak beyond inputs and gradients: saved out, float32 dq, dk,
+#: dv accumulators and the output-gradient copy, with the row statistics (a generous bound).
+SHARD_BUFFERS_AT_PEAK = 8
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, micro_q_size: int | None = None) -> Tensor:
+    return mqsp_attention(q, k, v, group=group, micro_q_size=micro_q_size, backend="cpu_flash")
+
+
+def communication_bytes(shape: Shape) -> dict[str, int]:
+    return mqsp_communication_bytes(
+        batch=shape.batch, heads=shape.heads, kv_heads=shape.heads, local_length=shape.local_length,
+        head_dim=shape.head_dim, world_size=shape.world_size, dtype=torch.float32,
+    )
+
+
+def peak_memory_bytes(shape: Shape) -> int:
+    """Linear in l: shard-sized buffers plus one micro-step's gathered rows (about 1024 x 4 rows
+    of q, dout, partial out and dq, times B x H x D)."""
+    rows = shape.world_size * auto_micro_q_size(shape.local_length, shape.world_size)
+    step = 4 * shape.batch * shape.heads * rows * shape.head_dim * 4
+    return inputs_and_grads_bytes(shape) + SHARD_BUFFERS_AT_PEAK * shape.local_elements() * shape.itemsize + step
+
+
+METHOD = Method("mqsp", attention, communication_bytes, peak_memory_bytes)
