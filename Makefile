@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/attention_check.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py

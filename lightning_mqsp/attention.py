@@ -158,18 +158,18 @@ class _MQSPAttention(torch.autograd.Function):
         plan: _Plan = ctx.plan
         query, key, value, out, lse, key_padding_mask = ctx.saved_tensors
         d = query.size(-1)
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(dim=-1)
         grad_query = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
-        grad_value = torch.zeros_like(grad_key)
+        grad_key: Tensor | None = None
+        grad_value: Tensor | None = None
         steps = plan.steps()
 
         def gather(j: int) -> tuple[comm.Pending, comm.Pending]:
             start, stop = steps[j]
             # Query rows and their output gradients travel in the input dtype, row statistics in float32.
-            rows = torch.cat([query[:, :, start:stop], grad_out[:, :, start:stop].to(query.dtype)], dim=-1)
-            stats = torch.stack([lse[:, :, start:stop], delta[:, :, start:stop]], dim=-1)
+            step_grad_out = grad_out[:, :, start:stop]
+            delta = (step_grad_out.float() * out[:, :, start:stop].float()).sum(dim=-1)
+            rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype)], dim=-1)
+            stats = torch.stack([lse[:, :, start:stop], delta], dim=-1)
             return comm.all_gather(rows, plan.group), comm.all_gather(stats, plan.group)
 
         next_gather = gather(0)
@@ -183,14 +183,15 @@ class _MQSPAttention(torch.autograd.Function):
                 rows[..., :d], key, value, rows[..., d:], stats[..., 0], stats[..., 1],
                 plan.mask(start, stop, key_padding_mask), plan.scale,
             )
-            grad_key += part_grad_key
-            grad_value += part_grad_value
+            # The first step's key/value gradients become the accumulators: no zero-filled copies.
+            grad_key = part_grad_key if grad_key is None else grad_key.add_(part_grad_key)
+            grad_value = part_grad_value if grad_value is None else grad_value.add_(part_grad_value)
             returned = comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group)
             if in_flight is not None:
                 pending, done_start, done_stop = in_flight
                 grad_query[:, :, done_start:done_stop] = pending.wait()
             in_flight = (returned, start, stop)
-        assert in_flight is not None
+        assert in_flight is not None and grad_key is not None and grad_value is not None
         pending, done_start, done_stop = in_flight
         grad_query[:, :, done_start:done_stop] = pending.wait()
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None

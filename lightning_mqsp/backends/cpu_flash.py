@@ -139,8 +139,13 @@ class CpuFlashBackend:
         out = _output_with_delta(dout, delta)
         # The kernel recomputes p = exp(s - lse): a row with no key anywhere (lse = -inf) must give p = 0.
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+        pieces = _pieces(mask, q.size(2), k.size(2))
+        if len(pieces) == 1 and pieces[0] == _Piece(0, q.size(2), 0, k.size(2), False):
+            # The whole block in one call (no causal diagonal here): keep the kernel's own buffers.
+            dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, 0.0, False, attn_mask=_padding_bias(mask, pieces[0]), scale=scale)
+            return dq, reduce_kv_heads(dk, num_kv_heads), reduce_kv_heads(dv, num_kv_heads)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for piece in _pieces(mask, q.size(2), k.size(2)):
+        for piece in pieces:
             r, c = slice(piece.row_start, piece.row_stop), slice(piece.key_start, piece.key_stop)
             part_dq, part_dk, part_dv = _flash_backward(
                 dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], 0.0, piece.causal,
