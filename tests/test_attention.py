@@ -126,8 +126,10 @@ def test_matches_single_process_sdpa(workers, case: Case) -> None:
 
 def test_runs_without_a_process_group() -> None:
     assert not dist.is_initialized()
-    errors = run_case(Case(1, causal=True, padding="random", micro_q_size=7))
+    with count_communication() as counter:
+        errors = run_case(Case(1, causal=True, padding="random", micro_q_size=7))
     assert max(errors.values()) <= FP32_TOLERANCE, errors
+    assert counter.calls == {}  # one rank: no collective at all
 
 
 def run_with_dropout(dropout_p: float, micro_q_size: int, causal: bool) -> dict[str, object]:
