@@ -6,7 +6,7 @@ reference's), GQA indexes the shared key/value head instead of copying it, and t
 bitwise deterministic. Inputs may be float16, bfloat16 or float32; results are float32.
 
 It runs CUDA tensors, and CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1``
-was set before the kernels were first imported (slow: for tests). triton is imported only when
+was set before triton was first imported (slow: for tests). triton is imported only when
 the kernels are first used, so this module imports fine without it.
 """
 
@@ -27,12 +27,15 @@ _MAX_HEAD_DIM = 256
 
 
 def _interpreting() -> bool:
-    """Whether the kernels run in the Triton interpreter. Once they are imported, their own flag
-    decides (triton.jit read the variable at that moment); before, the environment does."""
-    tuning = sys.modules.get("lightning_mqsp.kernels.tuning")
-    if tuning is not None:
-        return tuning.INTERPRET
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs kernels in its interpreter. triton.jit reads TRITON_INTERPRET when it
+    decorates a function, triton's own library included, so once triton is imported (importing
+    lightning imports it, through torch._dynamo) the decision is made: ask it, not the environment."""
+    triton = sys.modules.get("triton")
+    if triton is None:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.max, InterpretedFunction)
 
 
 def _positions(positions: Tensor, device: torch.device) -> Tensor:
@@ -53,6 +56,8 @@ class TritonBackend:
             return "triton is not installed"
         if q.device.type == "cpu":
             if not _interpreting():
+                if os.environ.get("TRITON_INTERPRET") == "1":
+                    return "TRITON_INTERPRET=1 was set after triton was imported: set it before Python starts"
                 return "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
         elif q.device.type != "cuda":
             return f"it runs on CUDA tensors (or CPU tensors through the Triton interpreter), got {q.device.type}"
