@@ -1,15 +1,30 @@
 """lightning-mqsp: Micro-Query Sequence Parallelism for PyTorch Lightning."""
 
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_mqsp.adapters import sequence_parallel_attention
 from lightning_mqsp.attention import auto_micro_q_size, mqsp_attention
 from lightning_mqsp.comm import CommCounter, count_communication
 from lightning_mqsp.layout import global_positions, shard_sequence, unshard_sequence
+from lightning_mqsp.loss import sequence_parallel_cross_entropy, sequence_parallel_loss
+from lightning_mqsp.strategy import MQSPStrategy
+
+# Lightning has no entry point for third-party strategies: importing the package registers "mqsp".
+if "mqsp" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "mqsp", MQSPStrategy, description="Micro-Query Sequence Parallelism: DDP across sequence-parallel groups"
+    )
 
 __all__ = [
     "CommCounter",
+    "MQSPStrategy",
     "auto_micro_q_size",
     "count_communication",
     "global_positions",
     "mqsp_attention",
+    "sequence_parallel_attention",
+    "sequence_parallel_cross_entropy",
+    "sequence_parallel_loss",
     "shard_sequence",
     "unshard_sequence",
 ]

@@ -1,0 +1,238 @@
+"""``MQSPStrategy``: DDP across sequence-parallel groups, each of which splits every sequence.
+
+The world of ``dp x sp`` processes is a device mesh ``("data_parallel", "sequence_parallel")``;
+the ``sp`` ranks of a group are consecutive (one node by default, where the links are fast).
+All ranks of a group load the same samples (the sampler is keyed by the data-parallel rank),
+each keeps its shard of every sequence (:mod:`lightning_mqsp.sharding`), and attention is
+computed exactly over the whole sequence by :func:`~lightning_mqsp.mqsp_attention`
+(:mod:`lightning_mqsp.adapters`). Parameters stay replicated and DDP averages gradients over
+the whole world; with the full-sequence loss of :mod:`lightning_mqsp.loss` on every rank, that
+average is the exact data-parallel gradient, and checkpoints are ordinary DDP checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing_extensions import override
+
+from lightning_mqsp.adapters import AttentionAudit, SequenceParallelContext, activate, reject_unroutable_modules
+from lightning_mqsp.adapters import huggingface
+from lightning_mqsp.adapters.sdpa import RouteScaledDotProductAttention
+from lightning_mqsp.comm import ProcessGroup
+from lightning_mqsp.layout import Layout, check_layout
+from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS, BatchSharder, gather_outputs
+
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+class MQSPStrategy(DDPStrategy):
+    """Micro-Query Sequence Parallelism: exact attention over sequences split across ranks.
+
+    Args:
+        sequence_parallel_size: ranks per sequence-parallel group. Default: the processes of one
+            node (``devices``), data parallel across nodes. Must divide the world size.
+        micro_q_size: local query rows per micro-step (None: automatic, see ``mqsp_attention``).
+        attention_backend: local attention kernel: ``"auto"``, ``"cpu_flash"``, ``"reference"``, ``"triton"``.
+        layout: ``"zigzag"`` (balanced causal work) or ``"contiguous"``.
+        sequence_keys: batch keys holding [batch, sequence, ...] tensors to shard.
+        pad_token_id: pad token for lengths that do not divide; default the model's
+            ``config.pad_token_id``, else 0.
+        shift_labels: shift ``labels`` left by one before sharding (causal LM; compute the loss
+            without a shift, see :mod:`lightning_mqsp.loss`). Default: on when the module contains
+            a Hugging Face ``*ForCausalLM``/``*LMHeadModel``.
+        allow_sequence_pooling: accept a model that pools over the sequence (you gather the pooled
+            token over the group yourself).
+        **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
+    """
+
+    strategy_name = "mqsp"
+
+    def __init__(
+        self,
+        sequence_parallel_size: int | None = None,
+        micro_q_size: int | None = None,
+        attention_backend: str = "auto",
+        layout: Layout = "zigzag",
+        sequence_keys: Sequence[str] = DEFAULT_SEQUENCE_KEYS,
+        pad_token_id: int | None = None,
+        shift_labels: bool | None = None,
+        allow_sequence_pooling: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_layout(layout)
+        if sequence_parallel_size is not None and sequence_parallel_size < 1:
+            raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size}.")
+        self._sequence_parallel_size = sequence_parallel_size
+        self.micro_q_size = micro_q_size
+        self.attention_backend = attention_backend
+        self.layout: Layout = layout
+        self.sequence_keys = tuple(sequence_keys)
+        self.pad_token_id = pad_token_id
+        self.shift_labels = shift_labels
+        self.allow_sequence_pooling = allow_sequence_pooling
+        self._device_mesh: DeviceMesh | None = None
+        self._context: SequenceParallelContext | None = None
+        self._sharder: BatchSharder | None = None
+        self._undo_model_patches: list[Callable[[], None]] = []
+        self._audit: AttentionAudit | None = None
+        self._audited_steps: set[str] = set()
+
+    # -- sizes and the mesh ---------------------------------------------------------------
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        return self._sequence_parallel_size or self.num_processes
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.sequence_parallel_size
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        if self._device_mesh is None:
+            raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
+        return self._device_mesh
+
+    @property
+    def sequence_parallel_group(self) -> ProcessGroup:
+        return self.device_mesh["sequence_parallel"].get_group()
+
+    @property
+    def sequence_parallel_rank(self) -> int:
+        return self.device_mesh["sequence_parallel"].get_local_rank()
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.device_mesh["data_parallel"].get_local_rank()
+
+    def _check_sizes(self, world_size: int) -> None:
+        sp = self.sequence_parallel_size
+        if sp > world_size:
+            raise ValueError(
+                f"MQSPStrategy(sequence_parallel_size={sp}) is larger than the world of {world_size} processes "
+                f"(devices x num_nodes): lower sequence_parallel_size to at most {world_size}, or use more devices."
+            )
+        if world_size % sp != 0:
+            raise ValueError(
+                f"The world size {world_size} (devices x num_nodes) is not divisible by sequence_parallel_size={sp}: "
+                f"choose a sequence_parallel_size that divides {world_size}, or a number of devices that is a multiple of {sp}."
+            )
+
+    @override
+    def _configure_launcher(self) -> None:
+        # Called in the launching process when the Trainer is built: fail before any process starts.
+        self._check_sizes(self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._check_sizes(self.world_size)
+        self._device_mesh = init_device_mesh(
+            self.root_device.type, (self.data_parallel_size, self.sequence_parallel_size),
+            mesh_dim_names=("data_parallel", "sequence_parallel"),
+        )
+        # The LightningModule sees it as `self.device_mesh`, as under ModelParallelStrategy.
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every rank of a sequence-parallel group must load the same samples.
+        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    # -- model -----------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        self._prepare_model(module)
+        super().setup(trainer)
+
+    def _prepare_model(self, module: LightningModule) -> None:
+        reject_unroutable_modules(module)
+        self._undo_model_patches = huggingface.prepare(module, self.allow_sequence_pooling)
+        hf_models = huggingface.huggingface_models(module)
+        self._context = SequenceParallelContext(
+            group=self.sequence_parallel_group, rank=self.sequence_parallel_rank, world_size=self.sequence_parallel_size,
+            layout=self.layout, micro_q_size=self.micro_q_size, backend=self.attention_backend,
+        )
+        shift_labels = self.shift_labels
+        if shift_labels is None:
+            shift_labels = any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in hf_models)
+        pad_token_id = self.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = next((m.config.pad_token_id for m in hf_models if m.config.pad_token_id is not None), 0)
+        self._sharder = BatchSharder(
+            rank=self.sequence_parallel_rank, world_size=self.sequence_parallel_size, layout=self.layout,
+            sequence_keys=self.sequence_keys, pad_token_id=pad_token_id, shift_labels=shift_labels,
+        )
+        self._audit = AttentionAudit(module)
+        self._audited_steps = set()
+        rank_zero_info(
+            f"MQSPStrategy: {self.data_parallel_size} data-parallel x {self.sequence_parallel_size} sequence-parallel ranks, "
+            f"{self.layout} layout{', causal-LM labels shifted before sharding' if shift_labels else ''}."
+        )
+
+    @override
+    def teardown(self) -> None:
+        for undo in self._undo_model_patches:
+            undo()
+        self._undo_model_patches = []
+        super().teardown()
+
+    # -- batches and steps -----------------------------------------------------------------
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        assert self._sharder is not None, "MQSPStrategy.setup() has not run"
+        return self._sharder.shard(batch)
+
+    @contextmanager
+    def _sequence_parallel_step(self, step_name: str) -> Iterator[None]:
+        """Route attention for the step; on the first step of each kind, audit that it was routed."""
+        assert self._context is not None and self._audit is not None
+        with activate(self._context), RouteScaledDotProductAttention(self._context):
+            if step_name in self._audited_steps:
+                yield
+                return
+            with self._audit.audit(self._context, step_name):
+                yield
+            self._audited_steps.add(step_name)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._sequence_parallel_step("training_step"):
+            return super().training_step(*args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._sequence_parallel_step("validation_step"):
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._sequence_parallel_step("test_step"):
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The step's outputs with every [batch, local sequence, ...] tensor gathered back to full length, in order."""
+        with self._sequence_parallel_step("predict_step"):
+            outputs = super().predict_step(*args, **kwargs)
+        assert self._sharder is not None and self._sharder.last_full_length is not None
+        full_length = self._sharder.last_full_length
+        local_length = self._sharder.padded_length(full_length) // self.sequence_parallel_size
+        return gather_outputs(outputs, local_length, self.sequence_parallel_group, self.layout, full_length)

@@ -1,0 +1,85 @@
+"""One Trainer run for the strategy tests; rank 0 writes what the tests compare to references.
+
+    python tests/scripts/train_mqsp.py OUT_DIR --model bert --devices 4 --sp 2 --epochs 2 [--resume CKPT] [--strategy ddp]
+                                       [--validate] [--predict]
+
+Writes OUT_DIR/result.pt: losses per step (every rank's), the logged sync_dist loss, the averaged
+gradients after the first backward, the final parameters, validation metrics, predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lightning_mqsp  # noqa: E402,F401  (registers "mqsp")
+from lightning_mqsp import MQSPStrategy  # noqa: E402
+from tiny_lm import TinyLM, make_samples  # noqa: E402
+
+BATCH_SIZE = 2
+TRAIN_SAMPLES = 8
+VAL_SAMPLES = 4
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[list[float]] = []
+        self.logged: list[float] = []
+        self.first_grads: dict[str, torch.Tensor] | None = None
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.first_grads is None:  # DDP has averaged them over the world by now
+            self.first_grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(pl_module.all_gather(outputs["loss"].detach()).reshape(-1).tolist())
+        self.logged.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default="bert")
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--sp", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--strategy", default="mqsp")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--validate", action="store_true")
+    parser.add_argument("--predict", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    strategy: Any = MQSPStrategy(sequence_parallel_size=args.sp) if args.strategy == "mqsp" else args.strategy
+    recorder = Recorder()
+    trainer = Trainer(
+        strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[recorder, ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1, every_n_epochs=1)],
+    )
+    module = TinyLM(args.model)
+    train = DataLoader(make_samples(args.model, TRAIN_SAMPLES), batch_size=BATCH_SIZE)
+    trainer.fit(module, train, ckpt_path=args.resume)
+    result: dict[str, Any] = {
+        "losses": recorder.losses, "logged": recorder.logged, "first_grads": recorder.first_grads,
+        "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+    }
+    if args.validate:
+        val = DataLoader(make_samples(args.model, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE)
+        result["validate"] = trainer.validate(module, val, verbose=False)[0]
+    if args.predict:
+        result["predictions"] = trainer.predict(module, DataLoader(make_samples(args.model, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE))
+    if trainer.global_rank == 0:
+        torch.save(result, args.out / "result.pt")
+
+
+if __name__ == "__main__":
+    main()
