@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -234,8 +235,13 @@ def check_shape_for(args: argparse.Namespace, world_size: int) -> Shape:
 
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The package is imported from the working tree: say whether it differs from the commit.
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "lightning_mqsp"], capture_output=True, text=True).stdout
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "commit": commit + ("+uncommitted lightning_mqsp changes" if dirty.strip() else ""),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_at_start": os.getloadavg(),
     }
 
@@ -442,7 +448,7 @@ def run_scaling(args: argparse.Namespace) -> None:
         "check_errors": check_errors, "records": [asdict(r) for r in records], "headline": summary,
     }, indent=1))
     (args.out / "attention.txt").write_text(table + "\n" + summary_text + "\n")
-    plot_scaling(records, args.world_sizes, args.out / "attention_scaling.png")
+    plot_scaling(records, sorted(args.world_sizes), args.out / "attention_scaling.png")
     plot_weak_scaling(records, [length for length in args.lengths if length * 4 in args.lengths], args.out / "weak_scaling.png")
     print(f"\nload average start {info['load_average_at_start']}, end {info['load_average_at_end']}; wrote {args.out}/")
 
