@@ -1,0 +1,211 @@
+"""MQSPStrategy end to end: multi-process Trainer runs (scripts in a subprocess) against single-process
+Hugging Face references on the full sequences, resume at another SP size, LightningCLI, bad configurations.
+
+Each Trainer run happens once per module (fixtures) and several tests read its results.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_mqsp
+from lightning_mqsp import MQSPStrategy
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from reference import dp_batches, reference_run  # noqa: E402
+from tiny_lm import build_model, make_samples  # noqa: E402
+
+REPO = Path(__file__).parent.parent
+TRAIN_SAMPLES, BATCH_SIZE, EPOCHS = 8, 2, 2  # as in scripts/train_mqsp.py: 2 steps an epoch at dp=2
+RTOL = 1e-5
+ATOL = 1e-8  # floor for tensors that are zero up to rounding (e.g. key biases' gradients, ~1e-12)
+RUN_TIMEOUT_S = 240
+
+
+def run_script(script: str, *args: str, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a Trainer script in a fresh process (the popen launcher re-runs argv: not pytest's) and load its result."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stderr[-6000:]}"
+    return torch.load(out / "result.pt", weights_only=False) | {"stderr": proc.stderr}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / (expected.norm() + ATOL / RTOL)).item()
+
+
+def assert_tensors_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str = "model.") -> None:
+    assert {prefix + name for name in expected} == set(actual)
+    errors = {name: relative_error(actual[prefix + name], value) for name, value in expected.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= RTOL, f"{worst}: relative error {errors[worst]:.2e} > {RTOL}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """SP=2 x DP=2 on 4 processes for each model (BERT also validates and predicts)."""
+    results = {}
+    for kind in ("bert", "gpt2", "llama"):
+        extra = ("--validate", "--predict") if kind == "bert" else ()
+        out = tmp_path_factory.mktemp(kind)
+        results[kind] = run_script("train_mqsp.py", str(out), "--model", kind, "--devices", "4", "--sp", "2",
+                                   "--epochs", str(EPOCHS), *extra, out=out) | {"out": out}
+    return results
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict[str, Any]]:
+    return {kind: reference_run(kind, TRAIN_SAMPLES, dp_size=2, batch_size=BATCH_SIZE, epochs=EPOCHS) for kind in ("bert", "gpt2", "llama")}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_loss_and_gradients_match_single_process(kind: str, runs: dict, references: dict) -> None:
+    run, ref = runs[kind], references[kind]
+    losses = torch.tensor(run["losses"])  # [step, world rank]
+    # The two ranks of each sequence-parallel group hold the same full-sequence loss...
+    torch.testing.assert_close(losses[:, 0], losses[:, 1], rtol=0, atol=0)
+    torch.testing.assert_close(losses[:, 2], losses[:, 3], rtol=0, atol=0)
+    # ...and the data-parallel mean (what sync_dist logs) is the single-process loss at every step.
+    expected = torch.tensor(ref["losses"])
+    torch.testing.assert_close(losses[:, ::2].mean(dim=1), expected, rtol=RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(run["logged"]), expected, rtol=RTOL, atol=0)
+    assert_tensors_match(run["first_grads"], ref["first_grads"])
+    assert_tensors_match(run["params"], ref["params"])
+
+
+@pytest.mark.timeout(600)
+def test_padding_was_added_and_changes_nothing(runs: dict, references: dict) -> None:
+    # Length 30 does not split into 2 x 2 zigzag chunks: the strategy padded to 32 and said so, once per process;
+    # half the samples carry their own padding too. The exact match above covers both; here, that padding happened.
+    stderr = runs["bert"]["stderr"]
+    assert "padding sequences of length 30 to 32" in stderr
+    assert stderr.count("padding sequences of length 30 to 32") <= 4 * 2  # once per process per stage (fit, validate)
+    assert any((s["attention_mask"] == 0).any() for s in make_samples("bert", TRAIN_SAMPLES))
+
+
+@pytest.mark.timeout(600)
+def test_validation_metrics_are_full_sequence(runs: dict) -> None:
+    metrics = runs["bert"]["validate"]
+    model = trained_plain_model(runs["bert"]["out"])
+    samples = make_samples("bert", 4, seed=2)
+    with torch.no_grad():
+        # Validation is not shuffled: data-parallel rank r loads samples r, r+2 (one batch each here).
+        per_rank_loss = [model(**collate(samples[rank::2])).loss for rank in range(2)]
+        everything = collate(samples)
+        valid = everything["labels"] != -100
+        token_nll = F.cross_entropy(model(**everything).logits[valid], everything["labels"][valid], reduction="none")
+    # self.log(..., sync_dist=True): the mean over ranks of each rank's full-sequence loss.
+    assert metrics["val_loss"] == pytest.approx(torch.stack(per_rank_loss).mean().item(), rel=RTOL)
+    # A torchmetrics MeanMetric over tokens: every validation token counted exactly once across dp x sp ranks.
+    assert metrics["val_token_nll"] == pytest.approx(token_nll.mean().item(), rel=RTOL)
+
+
+def trained_plain_model(out: Path) -> torch.nn.Module:
+    """A plain Hugging Face BERT (SDPA attention, no strategy) loaded from the run's last checkpoint: same keys."""
+    checkpoint = torch.load(out / "checkpoints" / "epoch=1-step=4.ckpt", weights_only=False)
+    model = build_model("bert")
+    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}, strict=True)
+    return model
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+@pytest.mark.timeout(600)
+def test_predictions_are_gathered_and_checkpoint_loads_into_plain_model(runs: dict) -> None:
+    run = runs["bert"]
+    plain = trained_plain_model(run["out"])
+    predictions = run["predictions"]
+    assert len(predictions) == 1 and predictions[0]["logits"].shape == (2, 30, 97)  # full length, padding trimmed
+    batch = collate(make_samples("bert", 4, seed=2)[0::2])  # data-parallel rank 0's prediction samples
+    with torch.no_grad():
+        expected = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(predictions[0]["logits"], expected, rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["mqsp-sp1", "ddp"])
+def test_resume_at_another_sequence_parallel_size(strategy: str, runs: dict, tmp_path: Path) -> None:
+    """The SP=2 x DP=2 checkpoint after epoch 1 resumes at SP=1 x DP=2 (MQSP) and under plain DDP on the same loss curve."""
+    ckpt = runs["bert"]["out"] / "checkpoints" / "epoch=0-step=2.ckpt"
+    args = ["--strategy", "ddp"] if strategy == "ddp" else ["--sp", "1"]
+    resumed = run_script("train_mqsp.py", str(tmp_path), "--model", "bert", "--devices", "2", "--epochs", str(EPOCHS),
+                         "--resume", str(ckpt), *args, out=tmp_path)
+    original = torch.tensor(runs["bert"]["logged"])
+    torch.testing.assert_close(torch.tensor(resumed["logged"]), original[2:], rtol=RTOL, atol=0)
+    assert_tensors_match(resumed["params"], {k.removeprefix("model."): v for k, v in runs["bert"]["params"].items()})
+
+
+CLI_CONFIG = """
+trainer:
+  accelerator: cpu
+  devices: 2
+  max_steps: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  strategy: {strategy}
+model:
+  kind: bert
+"""
+CLASS_PATH = """
+    class_path: lightning_mqsp.MQSPStrategy
+    init_args:
+      sequence_parallel_size: 2
+      layout: contiguous"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("strategy", "layout"), [(CLASS_PATH, "contiguous"), ("mqsp", "zigzag")], ids=["class_path", "name"])
+def test_lightning_cli(strategy: str, layout: str, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(CLI_CONFIG.format(strategy=strategy))
+    result = run_script("cli_mqsp.py", "fit", "--config", str(config), out=tmp_path, env={"MQSP_TEST_OUT": str(tmp_path)})
+    assert (result["strategy"], result["sequence_parallel_size"], result["layout"]) == ("MQSPStrategy", 2, layout)
+    model = build_model("bert")
+    with torch.no_grad():
+        expected = model(**dp_batches(make_samples("bert", 4), 1, BATCH_SIZE)[0][0]).loss.item()
+    assert result["loss"] == pytest.approx(expected, rel=RTOL)
+
+
+def test_registered_by_import() -> None:
+    assert "mqsp" in StrategyRegistry
+    assert StrategyRegistry["mqsp"]["strategy"] is MQSPStrategy
+    assert lightning_mqsp.MQSPStrategy is MQSPStrategy
+
+
+@pytest.mark.parametrize(("size", "devices", "message"), [
+    (3, 4, "world size 4 .* is not divisible by sequence_parallel_size=3: choose a sequence_parallel_size that divides 4"),
+    (8, 4, r"sequence_parallel_size=8\) is larger than the world of 4 processes .*lower sequence_parallel_size to at most 4"),
+])
+def test_bad_sizes_fail_when_the_trainer_is_built(size: int, devices: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Trainer(strategy=MQSPStrategy(sequence_parallel_size=size), accelerator="cpu", devices=devices)
+
+
+def test_bad_layout_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="layout must be one of"):
+        MQSPStrategy(layout="striped")  # type: ignore[arg-type]
+
+
+def test_sampler_is_keyed_by_data_parallel_rank() -> None:
+    strategy = MQSPStrategy(sequence_parallel_size=2, parallel_devices=[torch.device("cpu")] * 4)
+    assert (strategy.sequence_parallel_size, strategy.num_processes) == (2, 4)
+    assert MQSPStrategy(parallel_devices=[torch.device("cpu")] * 4).sequence_parallel_size == 4  # default: one node
