@@ -92,7 +92,8 @@ def sequence_parallel_cross_entropy(
     Equals ``F.cross_entropy(full_logits.flatten(0, -2), full_labels.flatten(), ignore_index=...)``
     of the unsharded sequence on every rank of the group.
     """
-    token_losses = F.cross_entropy(
-        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index, reduction="none"
-    )
+    flat_logits = logits.flatten(0, -2)
+    if flat_logits.dtype in (torch.float16, torch.bfloat16):  # the log-softmax over the vocabulary wants float32
+        flat_logits = flat_logits.float()
+    token_losses = F.cross_entropy(flat_logits, labels.flatten(), ignore_index=ignore_index, reduction="none")
     return sequence_parallel_loss(token_losses, labels.flatten() != ignore_index, group)
