@@ -22,9 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_mqsp.adapters import require_context
+from lightning_mqsp.adapters import SequenceParallelContext, require_context
+from lightning_mqsp.layout import shard_sequence, unshard_sequence
 
 ATTENTION_NAME = "mqsp"
 #: Heads that pool the sequence into one vector; sharded, each rank would pool its own tokens only.
@@ -123,6 +125,9 @@ class _HuggingFacePatch:
         self.original_implementation = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         self.limit = absolute_position_limit(model)
+        # RoBERTa-style embeddings number real tokens from padding_idx + 1 and give pads padding_idx.
+        self.padding_idx = next((m.padding_idx for m in model.modules() if type(m).__name__.endswith("Embeddings")
+                                 and isinstance(getattr(m, "padding_idx", None), int)), None)
         self.hook = model.register_forward_pre_hook(self._add_global_positions, with_kwargs=True)
 
     def _add_global_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -142,12 +147,29 @@ class _HuggingFacePatch:
                 "(e.g. tokenizer max_length) or use a model with more positions."
             )
         if kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = context.positions(local_length, tokens.device).expand(batch, -1)
+            if self.padding_idx is not None and tokens.dim() == 2:
+                kwargs["position_ids"] = _padding_aware_positions(tokens, self.padding_idx, context)
+            else:
+                kwargs["position_ids"] = context.positions(local_length, tokens.device).expand(batch, -1)
         return args, kwargs
 
     def undo(self) -> None:
         self.hook.remove()
         self.model.set_attn_implementation(self.original_implementation)
+
+
+def _padding_aware_positions(input_ids: Tensor, padding_idx: int, context: SequenceParallelContext) -> Tensor:
+    """RoBERTa's ``create_position_ids_from_input_ids`` over the whole sequence: the count of real tokens
+    up to each one is a prefix sum across shards, so the (small) non-pad mask is all-gathered first."""
+    real = input_ids.ne(padding_idx).int()
+    if context.world_size > 1:
+        shards = [torch.empty_like(real) for _ in range(context.world_size)]
+        dist.all_gather(shards, real.contiguous(), group=context.group)
+        full_real = unshard_sequence(shards, 1, context.layout)
+    else:
+        full_real = real
+    full_positions = (torch.cumsum(full_real, dim=1) * full_real).long() + padding_idx
+    return shard_sequence(full_positions, 1, context.rank, context.world_size, context.layout)
 
 
 def prepare(model: nn.Module, allow_sequence_pooling: bool = False) -> list[Callable[[], None]]:
