@@ -36,7 +36,7 @@ def _lse_log2(lse):
 
 
 @triton.autotune(configs=BACKWARD_DKDV_CONFIGS, key=AUTOTUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
 def _backward_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, QueryPos, KeyPos, KeyPadding, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -120,7 +120,7 @@ def _backward_dkdv_kernel(
 
 
 @triton.autotune(configs=BACKWARD_DQ_CONFIGS, key=AUTOTUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
 def _backward_dq_kernel(
     Q, K, V, DOut, Lse, Delta, QueryPos, KeyPos, KeyPadding, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -31,7 +31,8 @@ LOG2E: float = math.log2(math.e)
 
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY)
-@triton.jit
+# A fresh dropout seed every step: not specialising on its value avoids a recompile per step.
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
 def _forward_kernel(
     Q, K, V, QueryPos, KeyPos, KeyPadding, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -12,9 +12,10 @@ import triton
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Autotuning reruns a kernel whenever one of these arguments changes. In MQSP the rows per
-# micro-step, the local key count and the head size are fixed for a run, so it tunes once.
-AUTOTUNE_KEY = ["M", "N", "HEAD_DIM"]
+# Autotuning reruns a kernel whenever one of these arguments (or an input dtype) changes. In MQSP
+# the rows per micro-step, the local key count, the head size and the mask kind are fixed for a
+# run, so it tunes once per layer shape.
+AUTOTUNE_KEY = ["M", "N", "HEAD_DIM", "CAUSAL"]
 
 # The interpreter's block: small enough that tests with 50-100 rows still cover ragged edges.
 _INTERPRETER_BLOCK = 32
