@@ -1,0 +1,614 @@
+"""Peak memory per rank of one training step of a Hugging Face model, estimated without running it.
+
+One step = forward, backward and an AdamW step (optimizer state already allocated, as in every
+step after the first), at full sequence length L split over P sequence-parallel ranks (batch 1
+by default). Every attention layer of the model runs one of the methods of
+:mod:`benchmarks.baselines` (registered with ``transformers.AttentionInterface``), everything
+else runs on this rank's l = L / P tokens. The step runs under ``FakeTensorMode`` (no storage is
+allocated, no arithmetic done) on a fake process group of P ranks, and ``MemTracker`` records
+the peak of live tensor bytes, by category. The same code measures a real step on a real process
+group: that is how the estimate is validated (``tests/test_estimate_memory.py``).
+
+    python benchmarks/estimate_memory.py                # max-length table for BERT-large (~15 min)
+    python benchmarks/estimate_memory.py --quick        # P in {1, 8}, 40 GB only
+    python benchmarks/estimate_memory.py --micro-q-sweep
+
+writes ``benchmarks/out/estimate_memory.json``, the tables between the generated markers of
+``docs/scaling.md`` and ``docs/img/max_length.png``.
+
+What a fake CPU run cannot see, and what is assumed about it:
+- Memory inside kernels (flash-attention tiles, GEMM workspaces), the CUDA context and allocator
+  fragmentation: neither a fake nor a real MemTracker run counts them. The budgets are read as
+  bytes of live tensors, in decimal GB (40e9 leaves ~2.7 GiB of a 40 GiB card for those).
+- Attention kernels: a fused flash kernel on a GPU returns the same tensors (out and a float32
+  log-sum-exp) as aten's CPU flash kernel that the baselines and MQSP's ``cpu_flash`` backend
+  run here, so its footprint is taken to be the CPU kernel's.
+- Mixed precision is CPU autocast. Its cast policy keeps softmax and layer_norm in bf16, where
+  CUDA autocast runs them in float32: the materialised score maps of dense, RSA and Megatron-style
+  attention would be up to twice as large on a GPU, so their estimates here are optimistic.
+- Causal models (GPT-2, Llama) are estimated with non-causal attention: the baselines are
+  non-causal, a fused kernel allocates no mask, and MQSP's causal split on CPU needs the
+  positions' values (``.tolist()``), which a fake tensor does not have.
+- ``mqsp_attention``'s input check (``lightning_mqsp/validation.py``, ``synchronized_metadata``)
+  reads the all-gathered metadata row with ``.item()``/``.tolist()``, which fake tensors cannot
+  answer. Under the fake process group it is replaced by :func:`_fake_safe_metadata`, which
+  sends the same int64 row (so the byte count is unchanged) and skips the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from transformers import (
+    AttentionInterface, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    PretrainedConfig, PreTrainedModel,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import lightning_mqsp.attention  # noqa: E402
+from benchmarks.baselines import METHODS  # noqa: E402
+from benchmarks.baselines import mqsp as mqsp_baseline  # noqa: E402
+from benchmarks.baselines.common import AttentionFn, Shape  # noqa: E402
+from lightning_mqsp import count_communication  # noqa: E402
+from lightning_mqsp.comm import ProcessGroup, all_gather  # noqa: E402
+from lightning_mqsp.validation import METADATA_FIELDS  # noqa: E402
+
+GB = 10**9
+GiB = 2**30
+ROOT = Path(__file__).resolve().parents[1]
+#: Paper's headline (abstract): BERT-large at 78,848 tokens on 32 A100s, 4.5x RSA and 4.3x Megatron-LM 3.
+PAPER_MAX_LENGTH = 78_848
+PAPER_RATIOS = {"rsa": 4.5, "megatron_sp": 4.3}
+#: Gathered query rows per MQSP micro-step in the estimates (micro_q_size = this / P). A fake run
+#: costs ~1 ms per dispatched op, so the step count sets its time; --micro-q-sweep shows the
+#: training step's peak does not change from 512 to 131,072 gathered rows (it is not in attention).
+ESTIMATE_GATHERED_ROWS = 32768
+#: Every searched length is a multiple of this (and so of every P up to 512).
+LENGTH_GRANULARITY = 512
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+#: Layer counts of the two fake runs a full-depth peak is extrapolated from.
+PROBE_LAYERS = (1, 2)
+
+
+def _bert(hidden: int, layers: int, heads: int, vocab: int = 30522) -> Callable[[int], PretrainedConfig]:
+    # Absolute position embeddings: the table must hold every global position, so it grows with L.
+    return lambda length: BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, max_position_embeddings=max(length, 512), attention_probs_dropout_prob=0.0,
+    )
+
+
+#: Model name -> config at full sequence length L. Attention-probability dropout is off for every
+#: method (MQSP's cpu_flash backend has none, the fused kernels draw it inside); hidden dropout stays.
+MODELS: dict[str, Callable[[int], PretrainedConfig]] = {
+    "tiny-bert": _bert(hidden=64, layers=2, heads=4, vocab=1000),
+    "bert-base": _bert(hidden=768, layers=12, heads=12),
+    "bert-large": _bert(hidden=1024, layers=24, heads=16),
+    "gpt2": lambda length: GPT2Config(n_positions=max(length, 1024), attn_pdrop=0.0),
+    # A ~1B Llama-style decoder; key/value heads = query heads, since the baselines take no GQA.
+    "llama-1b": lambda length: LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=max(length, 2048),
+    ),
+}
+_MODEL_CLASSES: dict[type[PretrainedConfig], type[PreTrainedModel]] = {
+    BertConfig: BertForMaskedLM, GPT2Config: GPT2LMHeadModel, LlamaConfig: LlamaForCausalLM,
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training step to measure: ``model`` at full length ``length`` over ``world_size`` ranks."""
+
+    model: str
+    method: str
+    length: int
+    world_size: int
+    precision: str = "bf16-mixed"
+    batch: int = 1
+    num_layers: int | None = None  # None: the model's own depth
+    micro_q_size: int | None = None  # MQSP only; None: ESTIMATE_GATHERED_ROWS / P
+
+    @property
+    def local_length(self) -> int:
+        return self.length // self.world_size
+
+    def config(self) -> PretrainedConfig:
+        config = MODELS[self.model](self.length)
+        if self.num_layers is not None:
+            config.num_hidden_layers = self.num_layers
+        return config
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Peak live tensor bytes of one training step on this rank, and their MemTracker categories at that moment."""
+
+    peak_bytes: int
+    by_category: dict[str, int]
+
+
+def attention_heads(config: PretrainedConfig) -> tuple[int, int]:
+    """(heads, head_dim) of the model's attention."""
+    return config.num_attention_heads, config.hidden_size // config.num_attention_heads
+
+
+def method_attention(setup: Setup) -> AttentionFn:
+    """The method's ``attention(q, k, v, group)``; MQSP with the setup's micro-step size."""
+    if setup.method == "mqsp":
+        micro_q_size = setup.micro_q_size or max(1, min(setup.local_length, ESTIMATE_GATHERED_ROWS // setup.world_size))
+        return partial(mqsp_baseline.attention, micro_q_size=micro_q_size)
+    return METHODS[setup.method].attention
+
+
+def register_attention(setup: Setup, group: ProcessGroup | None) -> str:
+    """Register the setup's method with Hugging Face's attention interface; returns the name."""
+    attention = method_attention(setup)
+
+    def hf_attention(
+        module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+        dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        # Unmasked full-length training: no padding, and causal models are estimated non-causally (module docstring).
+        return attention(query, key, value, group).transpose(1, 2).contiguous(), None
+
+    name = f"estimate_{setup.method}"
+    AttentionInterface.register(name, hf_attention)
+    return name
+
+
+def _precision_context(precision: str) -> Any:
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision in PRECISIONS:
+        return nullcontext()
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def build_model(setup: Setup, group: ProcessGroup | None) -> PreTrainedModel:
+    config = setup.config()
+    model = _MODEL_CLASSES[type(config)](config)
+    model.set_attn_implementation(register_attention(setup, group))
+    return model.to(torch.bfloat16) if setup.precision == "bf16-true" else model
+
+
+def _allocate_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Run one step on zero gradients so AdamW's moments exist, as they do in every step after the first."""
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> StepMemory:
+    """Build the model, then run one training step on this rank's tokens under MemTracker.
+
+    Real or fake, whichever tensors and process group are active: on a real process group (or
+    none, for P = 1) it measures, under ``fake_world`` it estimates."""
+    if comm_size(group) != setup.world_size:
+        raise ValueError(f"setup is for {setup.world_size} ranks, the process group has {comm_size(group)}")
+    if setup.length % setup.world_size != 0:
+        raise ValueError(f"length {setup.length} does not split over {setup.world_size} ranks")
+    rank = dist.get_rank(group) if setup.world_size > 1 else 0
+    model = build_model(setup, group)
+    model.train()
+    # foreach: the CUDA default, whose temporaries span every parameter at once.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    _allocate_optimizer_state(model, optimizer)
+    config = model.config
+    input_ids = torch.randint(0, config.vocab_size, (setup.batch, setup.local_length))
+    positions = torch.arange(rank * setup.local_length, (rank + 1) * setup.local_length).expand(setup.batch, -1)
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        with _precision_context(setup.precision):
+            loss = model(input_ids=input_ids, position_ids=positions, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    total = peak.pop("Total")
+    return StepMemory(peak_bytes=total, by_category={str(getattr(k, "value", k)): v for k, v in peak.items() if v})
+
+
+def comm_size(group: ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _fake_safe_metadata(group: ProcessGroup | None, error: str | None, query: Tensor, *args: Any) -> int:
+    """Stand-in for ``synchronized_metadata`` under fake tensors: sends the same int64 metadata
+    row (so counted bytes are unchanged) and returns dropout seed 0 (the estimates use no
+    attention dropout). The real check reads the gathered row's values, which a fake tensor lacks."""
+    if error is not None:
+        raise ValueError(f"mqsp_attention: {error}")
+    all_gather(torch.zeros(len(METADATA_FIELDS), dtype=torch.int64, device=query.device), group).wait()
+    return 0
+
+
+@contextmanager
+def fake_world(world_size: int) -> Iterator[None]:
+    """Fake tensors on a fake process group of ``world_size`` ranks, as seen from rank 0."""
+    if dist.is_initialized():
+        raise RuntimeError("fake_world needs a process without a process group; one is already initialised")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(FakeTensorMode())
+            stack.enter_context(mock.patch.object(lightning_mqsp.attention, "synchronized_metadata", _fake_safe_metadata))
+            yield
+    finally:
+        dist.destroy_process_group()
+
+
+def estimate_training_step(setup: Setup) -> StepMemory:
+    """The setup's peak per rank from a fake run (no memory allocated, seconds at any length)."""
+    with fake_world(setup.world_size):
+        return measure_training_step(setup)
+
+
+def extrapolated_peak(setup: Setup) -> int:
+    """Full-depth peak from two shallow fake runs: every layer adds the same saved activations, so
+    the peak is affine in the layer count (checked by ``check_layer_linearity``)."""
+    shallow, deeper = (estimate_training_step(replace(setup, num_layers=n)).peak_bytes for n in PROBE_LAYERS)
+    depth = setup.config().num_hidden_layers
+    return shallow + (depth - PROBE_LAYERS[0]) * (deeper - shallow) // (PROBE_LAYERS[1] - PROBE_LAYERS[0])
+
+
+def method_applies(method: str, model: str, world_size: int) -> bool:
+    """Ulysses and head-split tensor parallelism need the heads to divide by P."""
+    heads, _ = attention_heads(MODELS[model](LENGTH_GRANULARITY))
+    return method not in ("ulysses", "megatron_sp") or heads % world_size == 0
+
+
+#: Lengths (in granules) every search evaluates first, to fit the peak's quadratic in L.
+PROBE_GRANULES = (8, 32, 128)
+
+
+def max_length(
+    model: str, method: str, world_size: int, budget_bytes: int, precision: str, peak: Callable[[Setup], int],
+    cache: dict[int, int],
+) -> int:
+    """The longest L (a multiple of LENGTH_GRANULARITY) whose peak fits the budget: a binary search
+    on the estimate, bracketed around the length where the quadratic fitted to the probe peaks
+    meets the budget (so it needs a handful of estimates, not twenty). ``cache`` maps L -> peak for
+    this (model, method, P, precision) and is shared between budgets. 0 if one granule does not fit."""
+
+    def fits(granules: int) -> bool:
+        if granules == 0:
+            return True
+        length = granules * LENGTH_GRANULARITY
+        if length not in cache:
+            cache[length] = peak(Setup(model, method, length, world_size, precision))
+        return cache[length] <= budget_bytes
+
+    for granules in PROBE_GRANULES:
+        fits(granules)
+    good = bad = _fit_guess(cache, budget_bytes)
+    step = 1
+    while not fits(good):  # walk down, doubling the stride, to a length that fits
+        bad, good, step = good, max(good - step, 0), step * 2
+    step = 1
+    while bad == good or fits(bad):  # walk up to one that does not
+        good, bad, step = bad, bad + step, step * 2
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good * LENGTH_GRANULARITY
+
+
+def analytic_communication(setup: Setup, itemsize: int) -> dict[str, int]:
+    """Bytes per attention layer per rank (forward + backward) from the method's formula."""
+    heads, head_dim = attention_heads(setup.config())
+    if setup.method == "mqsp":
+        dtype = torch.bfloat16 if itemsize == 2 else torch.float32
+        return lightning_mqsp.attention.communication_bytes(
+            batch=setup.batch, heads=heads, kv_heads=heads, local_length=setup.local_length, head_dim=head_dim,
+            world_size=setup.world_size, dtype=dtype,
+        )
+    shape = Shape(setup.batch, heads, setup.length, head_dim, setup.world_size, itemsize=itemsize)
+    return METHODS[setup.method].communication_bytes(shape)
+
+
+def counted_communication(setup: Setup) -> dict[str, int]:
+    """Bytes per attention layer per rank counted at the collectives' call sites in a fake
+    one-layer training step (the counter works under the fake process group: it counts shapes)."""
+    with count_communication() as counter:
+        estimate_training_step(replace(setup, num_layers=1))
+    return dict(counter.bytes_sent)
+
+
+def _attention_itemsize(precision: str) -> int:
+    return 4 if precision == "32-true" else 2
+
+
+def _fit_guess(cache: dict[int, int], budget_bytes: int) -> int:
+    """Length (in granules) where the quadratic through the cached peaks meets the budget: peak(L)
+    is a quadratic in L (affine for the linear methods), so the binary search starts next to it."""
+    lengths = sorted(cache)
+    xs = [x / LENGTH_GRANULARITY for x in lengths]
+    c2, c1, c0 = (
+        (0.0, *_line(xs, [cache[x] for x in lengths])) if len(xs) < 3 else _quadratic(xs, [cache[x] for x in lengths])
+    )
+    if abs(c2) < 1e-12:
+        return max(1, int((budget_bytes - c0) / c1)) if c1 > 0 else 1
+    roots = [(-c1 + sign * math.sqrt(max(c1 * c1 - 4 * c2 * (c0 - budget_bytes), 0.0))) / (2 * c2) for sign in (1, -1)]
+    return max(1, int(max(roots)))
+
+
+def _line(xs: list[float], ys: list[int]) -> tuple[float, float]:
+    slope = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
+    return slope, ys[0] - slope * xs[0]
+
+
+def _quadratic(xs: list[float], ys: list[int]) -> tuple[float, float, float]:
+    """Coefficients (c2, c1, c0) of the least-squares quadratic through the points."""
+    import numpy as np
+
+    c2, c1, c0 = np.polyfit(np.array(xs), np.array(ys, dtype=np.float64), 2)
+    return float(c2), float(c1), float(c0)
+
+
+#: Methods in table order, MQSP first.
+METHOD_ORDER = ("mqsp", "dense", "rsa", "megatron_sp", "ring", "ulysses")
+METHOD_LABELS = {
+    "mqsp": "MQSP (ours)", "dense": "dense (all-gather K/V, l x L map)", "rsa": "Ring Self-Attention (ColossalAI)",
+    "megatron_sp": "Megatron-LM 3 style TP+SP (H/P heads, L x L map)", "ring": "ring attention (online softmax)",
+    "ulysses": "Ulysses",
+}
+DOC_PATH = ROOT / "docs" / "scaling.md"
+PLOT_PATH = ROOT / "docs" / "img" / "max_length.png"
+GENERATED_START, GENERATED_END = "<!-- generated by benchmarks/estimate_memory.py: start -->", "<!-- generated: end -->"
+
+
+def max_length_table(
+    model: str, world_sizes: list[int], budgets_gb: list[int], precision: str, log: Callable[[str], None],
+) -> dict[str, dict[str, dict[str, int | None]]]:
+    """{method: {P: {budget GB: max L or None where the method cannot run on P ranks}}}."""
+    table: dict[str, dict[str, dict[str, int | None]]] = {}
+    for method in METHOD_ORDER:
+        table[method] = {}
+        for world_size in world_sizes:
+            cache: dict[int, int] = {}
+            row: dict[str, int | None] = {}
+            for budget in budgets_gb:
+                started = time.time()
+                applies = method_applies(method, model, world_size)
+                row[str(budget)] = (
+                    max_length(model, method, world_size, budget * GB, precision, extrapolated_peak, cache) if applies else None
+                )
+                log(f"{method:12s} P={world_size:2d} {budget} GB: L_max={row[str(budget)]} ({len(cache)} estimates, {time.time() - started:.0f} s)")
+            table[method][str(world_size)] = row
+    return table
+
+
+def check_layer_linearity(model: str, world_size: int, length: int, precision: str) -> list[dict[str, Any]]:
+    """Full-depth fake runs against the two-layer extrapolation, per method."""
+    rows = []
+    for method in METHOD_ORDER:
+        if not method_applies(method, model, world_size):
+            continue
+        setup = Setup(model, method, length, world_size, precision)
+        full = estimate_training_step(setup).peak_bytes
+        extrapolated = extrapolated_peak(setup)
+        rows.append({"method": method, "length": length, "world_size": world_size, "full_depth_bytes": full,
+                     "extrapolated_bytes": extrapolated, "relative_difference": extrapolated / full - 1})
+    return rows
+
+
+def communication_table(model: str, length: int, world_size: int, precision: str) -> list[dict[str, Any]]:
+    """Counted (fake one-layer step) and analytic bytes per attention layer per rank, per method."""
+    rows = []
+    for method in METHOD_ORDER:
+        if not method_applies(method, model, world_size):
+            continue
+        setup = Setup(model, method, length, world_size, precision)
+        counted = counted_communication(setup)
+        analytic = analytic_communication(setup, _attention_itemsize(precision))
+        rows.append({"method": method, "counted": counted, "analytic": analytic,
+                     "counted_total": sum(counted.values()), "analytic_total": sum(analytic.values())})
+    return rows
+
+
+def micro_q_sweep(model: str, length: int, world_size: int, precision: str, gathered_rows: list[int]) -> list[dict[str, Any]]:
+    """MQSP's step peak (2 layers) and the fake run's time against the gathered rows per micro-step."""
+    rows = []
+    for rows_per_step in gathered_rows:
+        setup = Setup(model, "mqsp", length, world_size, precision, num_layers=2, micro_q_size=rows_per_step // world_size)
+        started = time.time()
+        memory = estimate_training_step(setup)
+        rows.append({"gathered_rows": rows_per_step, "micro_q_size": rows_per_step // world_size,
+                     "peak_bytes": memory.peak_bytes, "seconds": time.time() - started})
+    return rows
+
+
+def model_comparison(models: list[str], length: int, world_size: int, precisions: list[str]) -> list[dict[str, Any]]:
+    """Full-depth (extrapolated) peak of every method on several models and precisions at one L, P."""
+    rows = []
+    for model in models:
+        for precision in precisions:
+            for method in METHOD_ORDER:
+                if method_applies(method, model, world_size):
+                    peak = extrapolated_peak(Setup(model, method, length, world_size, precision))
+                    rows.append({"model": model, "precision": precision, "method": method, "peak_bytes": peak})
+    return rows
+
+
+def peak_breakdown(model: str, length: int, world_size: int, precision: str) -> dict[str, Any]:
+    """MQSP's full-depth peak by MemTracker category, with the sizes of the tensors that bound it."""
+    setup = Setup(model, "mqsp", length, world_size, precision)
+    config = setup.config()
+    memory = estimate_training_step(setup)
+    local_tokens = setup.batch * setup.local_length
+    return {
+        "length": length, "world_size": world_size, "peak_bytes": memory.peak_bytes, "by_category": memory.by_category,
+        "logits_float32_bytes": local_tokens * config.vocab_size * 4,
+        "position_table_bytes": config.max_position_embeddings * config.hidden_size * 4,
+        "parameters": sum(p.numel() for p in _parameter_shapes(setup)),
+    }
+
+
+def _parameter_shapes(setup: Setup) -> list[Tensor]:
+    with fake_world(setup.world_size):
+        return list(build_model(replace(setup, num_layers=setup.config().num_hidden_layers), None).parameters())
+
+
+def _format_length(length: int | None) -> str:
+    return "n/a" if length is None else f"{length:,}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The generated part of docs/scaling.md."""
+    settings = results["settings"]
+    budgets = settings["budgets_gb"]
+    lines = [
+        f"Model {settings['model']}, batch {settings['batch']}, precision {settings['precision']}, AdamW (foreach), "
+        f"budget = live tensor bytes per rank (decimal GB). Regenerate: `{settings['command']}`",
+        "",
+    ]
+    for budget in budgets:
+        header = "| method | " + " | ".join(f"P={p}" for p in settings["world_sizes"]) + " |"
+        lines += [f"**Longest trainable L at {budget} GB per device**", "", header,
+                  "|---|" + "---:|" * len(settings["world_sizes"])]
+        for method in METHOD_ORDER:
+            cells = [_format_length(results["max_length"][method][str(p)][str(budget)]) for p in settings["world_sizes"]]
+            lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
+        lines += ["", f"Ratio MQSP / method at {budget} GB:", "", header, "|---|" + "---:|" * len(settings["world_sizes"])]
+        for method in METHOD_ORDER[1:]:
+            cells = []
+            for p in settings["world_sizes"]:
+                ours, theirs = (results["max_length"][m][str(p)][str(budget)] for m in ("mqsp", method))
+                cells.append("n/a" if not theirs or ours is None else f"{ours / theirs:.2f}x")
+            lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    comm = results["communication"]
+    lines += [f"**Bytes sent per attention layer per rank (forward + backward), L={comm['length']:,}, P={comm['world_size']}**", "",
+              "| method | counted (fake run) | analytic formula | by collective (counted) |", "|---|---:|---:|---|"]
+    for row in comm["rows"]:
+        detail = ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in row["counted"].items())
+        lines.append(f"| {METHOD_LABELS[row['method']]} | {row['counted_total'] / 2**20:,.1f} MiB | "
+                     f"{row['analytic_total'] / 2**20:,.1f} MiB | {detail} |")
+    lines += ["", "**Per-layer extrapolation against full-depth fake runs**", "",
+              "| method | L | P | full depth | extrapolated | difference |", "|---|---:|---:|---:|---:|---:|"]
+    for row in results["layer_linearity"]:
+        lines.append(f"| {row['method']} | {row['length']:,} | {row['world_size']} | {row['full_depth_bytes'] / GiB:.3f} GiB | "
+                     f"{row['extrapolated_bytes'] / GiB:.3f} GiB | {100 * row['relative_difference']:+.3f}% |")
+    if results.get("micro_q_sweep"):
+        sweep = results["micro_q_sweep"]
+        lines += ["", f"**MQSP micro-step size (2 layers, L={sweep['length']:,}, P={sweep['world_size']})**", "",
+                  "| gathered rows per step | micro_q_size | peak | fake-run time |", "|---:|---:|---:|---:|"]
+        for row in sweep["rows"]:
+            lines.append(f"| {row['gathered_rows']:,} | {row['micro_q_size']:,} | {row['peak_bytes'] / GiB:.3f} GiB | {row['seconds']:.1f} s |")
+    if results.get("models"):
+        comparison = results["models"]
+        lines += ["", f"**Peak per rank at L={comparison['length']:,}, P={comparison['world_size']} (GiB)**", "",
+                  "| model | precision | " + " | ".join(METHOD_ORDER) + " |", "|---|---|" + "---:|" * len(METHOD_ORDER)]
+        keyed = {(r["model"], r["precision"], r["method"]): r["peak_bytes"] for r in comparison["rows"]}
+        for model, precision in dict.fromkeys((r["model"], r["precision"]) for r in comparison["rows"]):
+            cells = [f"{keyed[(model, precision, m)] / GiB:.1f}" if (model, precision, m) in keyed else "n/a" for m in METHOD_ORDER]
+            lines.append(f"| {model} | {precision} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_doc(generated: str, path: Path = DOC_PATH) -> None:
+    """Replace the text between the generated markers of docs/scaling.md (create them if missing)."""
+    text = path.read_text() if path.exists() else f"# Scaling\n\n{GENERATED_START}\n{GENERATED_END}\n"
+    head, rest = text.split(GENERATED_START)
+    _, tail = rest.split(GENERATED_END)
+    path.write_text(f"{head}{GENERATED_START}\n{generated}\n{GENERATED_END}{tail}")
+
+
+def plot(results: dict[str, Any], path: Path = PLOT_PATH) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = results["settings"]
+    figure, axes = plt.subplots(1, len(settings["budgets_gb"]), figsize=(6 * len(settings["budgets_gb"]), 4.5), sharey=True)
+    for axis, budget in zip(list(getattr(axes, "flat", [axes])), settings["budgets_gb"]):
+        for method in METHOD_ORDER:
+            points = [(p, results["max_length"][method][str(p)][str(budget)]) for p in settings["world_sizes"]]
+            points = [(p, length) for p, length in points if length]
+            axis.plot(*zip(*points), marker="o", label=METHOD_LABELS[method], linewidth=2.5 if method == "mqsp" else 1.2)
+        axis.axhline(PAPER_MAX_LENGTH, color="grey", linestyle=":", label="paper: 78,848 at P=32 (A100)")
+        axis.set(xscale="log", yscale="log", xlabel="ranks P", title=f"{settings['model']}, {settings['precision']}, {budget} GB per device")
+        axis.set_xticks(settings["world_sizes"], [str(p) for p in settings["world_sizes"]])
+        axis.grid(True, which="both", alpha=0.3)
+    list(getattr(axes, "flat", [axes]))[0].set_ylabel("longest trainable sequence L (tokens)")
+    list(getattr(axes, "flat", [axes]))[-1].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bert-large", choices=list(MODELS))
+    parser.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--budgets-gb", type=int, nargs="+", default=[40, 80])
+    parser.add_argument("--quick", action="store_true", help="P in {1, 8}, 40 GB, no model comparison")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "estimate_memory.json")
+    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/scaling.md and the plot")
+    args = parser.parse_args()
+    if args.quick:
+        args.world_sizes, args.budgets_gb = [1, 8], [40]
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    largest_p = max(args.world_sizes)
+    comm_length = 64 * 1024
+    results: dict[str, Any] = {"settings": {
+        "model": args.model, "precision": args.precision, "batch": 1, "world_sizes": args.world_sizes,
+        "budgets_gb": args.budgets_gb, "length_granularity": LENGTH_GRANULARITY, "probe_layers": PROBE_LAYERS,
+        "mqsp_gathered_rows_per_step": ESTIMATE_GATHERED_ROWS, "torch": torch.__version__,
+        "command": "python benchmarks/estimate_memory.py" + (" --quick" if args.quick else ""),
+    }}
+    results["micro_q_sweep"] = {"length": 131072, "world_size": 8, "rows": micro_q_sweep(
+        args.model, 131072, 8, args.precision, [512, 2048, 8192, 32768, 131072])}
+    log(f"micro-q sweep: {results['micro_q_sweep']['rows']}")
+    results["layer_linearity"] = check_layer_linearity(args.model, 8, 32768, args.precision)
+    log(f"layer linearity: {results['layer_linearity']}")
+    results["communication"] = {"length": comm_length, "world_size": largest_p, "precision": args.precision,
+                                "rows": communication_table(args.model, comm_length, largest_p, args.precision)}
+    results["max_length"] = max_length_table(args.model, args.world_sizes, args.budgets_gb, args.precision, log)
+    breakdown_length = results["max_length"]["mqsp"][str(largest_p)][str(args.budgets_gb[0])] or comm_length
+    results["mqsp_peak_breakdown"] = peak_breakdown(args.model, breakdown_length, largest_p, args.precision)
+    log(f"MQSP peak breakdown: {results['mqsp_peak_breakdown']}")
+    if not args.quick:
+        results["models"] = {"length": 16384, "world_size": 8, "rows": model_comparison(
+            ["bert-base", "bert-large", "gpt2", "llama-1b"], 16384, 8, ["32-true", "bf16-mixed"])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    generated = markdown(results)
+    print(generated)
+    if not args.no_doc:
+        write_doc(generated)
+        plot(results)
+
+
+if __name__ == "__main__":
+    import warnings
+
+    # MemTracker's module hooks warn once per module about weak references under fake tensors.
+    warnings.filterwarnings("ignore", message="Module is None")
+    main()
