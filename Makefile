@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/attention_check.py
+	$(PY) examples/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
