@@ -427,7 +427,14 @@ def run_scaling(args: argparse.Namespace) -> None:
     records: list[Record] = []
     check_errors = {}
     args.out.mkdir(parents=True, exist_ok=True)
+    resumed = json.loads(args.resume.read_text()) if args.resume else {"check_errors": {}, "records": []}
     for p in args.world_sizes:
+        reused = [Record(**r) for r in resumed["records"] if r["world_size"] == p]
+        if reused:
+            print(f"P={p}: {len(reused)} records reused from {args.resume}", flush=True)
+            records += reused
+            check_errors[p] = resumed["check_errors"].get(str(p), {})
+            continue
         tasks, skipped = planned_records(args, p)
         records += skipped
         print(f"P={p}: {sum(len(t.variants) for t in tasks)} configurations to run ({threads_per_rank(p)} thread(s) per rank), {len(skipped)} not run", flush=True)
@@ -436,10 +443,10 @@ def run_scaling(args: argparse.Namespace) -> None:
             check_errors[p] = result["check_errors"]
             records += [Record(**r) for r in result["records"]]
             # Keep what is done so far: a long run cut short still leaves its finished world sizes.
-            (args.out / "attention.partial.json").write_text(json.dumps([asdict(r) for r in records]))
+            (args.out / "attention.partial.json").write_text(json.dumps({"check_errors": check_errors, "records": [asdict(r) for r in records]}))
     info["load_average_at_end"] = os.getloadavg()
     print(f"\nChecked against float64 SDPA at L={args.check_length} before timing; worst relative error per P: "
-          + ", ".join(f"P={p}: {max(max(e.values()) for e in errs.values()):.1e}" for p, errs in check_errors.items()))
+          + ", ".join(f"P={p}: {max(max(e.values()) for e in errs.values()):.1e}" for p, errs in check_errors.items() if errs))
     table = print_table(records)
     summary = headline(records, args)
     summary_text = print_headline(summary, args.ratio_length)
@@ -500,6 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-length", type=int, default=8192)
     parser.add_argument("--sweep-world-size", type=int, default=2)
     parser.add_argument("--micro-q-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 2048, 4096])
+    parser.add_argument("--resume", type=Path, help="attention.partial.json of an earlier run: its world sizes are reused, not rerun")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     if parser.parse_known_args(argv)[0].quick:  # smaller defaults; flags given explicitly still win
         parser.set_defaults(lengths=[1024, 2048, 4096], repeats=2, check_length=256, ratio_length=4096,
