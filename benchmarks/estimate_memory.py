@@ -584,7 +584,7 @@ def main() -> None:
         "command": "python benchmarks/estimate_memory.py" + (" --quick" if args.quick else ""),
     }}
     results["micro_q_sweep"] = {"length": 131072, "world_size": 8, "rows": micro_q_sweep(
-        args.model, 131072, 8, args.precision, [512, 2048, 8192, 32768, 131072])}
+        args.model, 131072, 8, args.precision, [2048, 8192, 32768, 131072])}
     log(f"micro-q sweep: {results['micro_q_sweep']['rows']}")
     results["layer_linearity"] = check_layer_linearity(args.model, 8, 32768, args.precision)
     log(f"layer linearity: {results['layer_linearity']}")

@@ -31,14 +31,15 @@ class RingAttention(torch.autograd.Function):
         for _, kv in ring_blocks(torch.stack([k, v]), group):
             merge_partial(out, lse, *flash_forward(q, kv[0], kv[1], scale))
         ctx.group, ctx.scale = group, scale
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out.to(q.dtype)
+        result = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, result, lse)  # the kernel's backward takes out in the inputs' dtype
+        return result
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
-        grad_q = torch.zeros_like(out)
+        grad_q = torch.zeros_like(out, dtype=torch.float32)
         grad_kv = torch.zeros((2, *k.shape), dtype=torch.float32)  # the accumulator of the block in hand
         arriving = None
         for step, (_, kv) in enumerate(ring_blocks(torch.stack([k, v]), ctx.group)):
