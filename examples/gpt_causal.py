@@ -19,8 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bert_mlm import main  # noqa: E402
-from lightning_mqsp import MQSPStrategy, sequence_parallel_cross_entropy  # noqa: E402
-from lightning_mqsp.sharding import shift_left  # noqa: E402
+from lightning_mqsp import causal_lm_cross_entropy  # noqa: E402
 
 
 def build_causal_lm(architecture: str, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
@@ -42,8 +41,8 @@ class CausalLM(LightningModule):
     """Next-token prediction with the exact full-sequence loss.
 
     Under :class:`~lightning_mqsp.MQSPStrategy` the labels arrive already shifted (the strategy
-    shifts them before sharding, so no target crosses a shard edge); on one process the module
-    shifts them itself. Either way the loss is the model's usual causal-LM loss.
+    shifts them before sharding, so no target crosses a shard edge); ``causal_lm_cross_entropy``
+    shifts them only where no strategy did, so the module is right on one process too.
     """
 
     def __init__(
@@ -59,10 +58,7 @@ class CausalLM(LightningModule):
         logits = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids")
         ).logits
-        labels = batch["labels"]
-        if not isinstance(self.trainer.strategy, MQSPStrategy):
-            labels = shift_left(labels)
-        return sequence_parallel_cross_entropy(logits, labels)
+        return causal_lm_cross_entropy(logits, batch["labels"])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)

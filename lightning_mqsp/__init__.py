@@ -6,7 +6,7 @@ from lightning_mqsp.adapters import sequence_parallel_attention
 from lightning_mqsp.attention import auto_micro_q_size, mqsp_attention
 from lightning_mqsp.comm import CommCounter, count_communication
 from lightning_mqsp.layout import global_positions, shard_sequence, unshard_sequence
-from lightning_mqsp.loss import sequence_parallel_cross_entropy, sequence_parallel_loss
+from lightning_mqsp.loss import causal_lm_cross_entropy, sequence_parallel_cross_entropy, sequence_parallel_loss
 from lightning_mqsp.strategy import MQSPStrategy
 
 # Lightning has no entry point for third-party strategies: importing the package registers "mqsp".
@@ -19,6 +19,7 @@ __all__ = [
     "CommCounter",
     "MQSPStrategy",
     "auto_micro_q_size",
+    "causal_lm_cross_entropy",
     "count_communication",
     "global_positions",
     "mqsp_attention",

@@ -14,7 +14,8 @@ mean over valid tokens, so one LightningModule runs unchanged under every strate
 Causal language models: :class:`~lightning_mqsp.MQSPStrategy` shifts ``labels`` left by one
 before sharding, so ``labels[t]`` is already the target of ``logits[t]``. Do not pass the labels
 to a Hugging Face ``*ForCausalLM`` (it would shift them again, and average over local tokens);
-compute the loss with :func:`sequence_parallel_cross_entropy` on the logits instead.
+compute the loss with :func:`causal_lm_cross_entropy` on the logits instead, which shifts the
+labels itself only when no strategy did, so one LightningModule is right under every strategy.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch import Tensor
 
 from lightning_mqsp.adapters import active_context
 from lightning_mqsp.comm import ProcessGroup
+from lightning_mqsp.sharding import IGNORE_INDEX, shift_left
 
-IGNORE_INDEX = -100
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -97,3 +98,17 @@ def sequence_parallel_cross_entropy(
         flat_logits = flat_logits.float()
     token_losses = F.cross_entropy(flat_logits, labels.flatten(), ignore_index=ignore_index, reduction="none")
     return sequence_parallel_loss(token_losses, labels.flatten() != ignore_index, group)
+
+
+def causal_lm_cross_entropy(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, group: ProcessGroup | None = None,
+) -> Tensor:
+    """Next-token cross entropy over the full sequence, from labels as the data gives them ([B, S], unshifted).
+
+    Under :class:`~lightning_mqsp.MQSPStrategy` the labels were shifted before sharding; anywhere
+    else (one device, plain DDP) they are shifted here. Equals the Hugging Face causal-LM loss.
+    """
+    context = active_context()
+    if context is None or not context.labels_shifted:
+        labels = shift_left(labels)
+    return sequence_parallel_cross_entropy(logits, labels, ignore_index, group)

@@ -30,13 +30,14 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layout import Layout, chunks_per_rank, shard_sequence, unshard_sequence
-from lightning_mqsp.loss import IGNORE_INDEX
 
 #: Batch keys that hold one entry per token, [batch, sequence, ...].
 DEFAULT_SEQUENCE_KEYS: tuple[str, ...] = (
     "input_ids", "attention_mask", "token_type_ids", "labels", "position_ids",
     "special_tokens_mask", "inputs_embeds", "loss_mask",
 )
+#: The label value that losses skip (PyTorch's and Hugging Face's convention).
+IGNORE_INDEX = -100
 #: Pad values by key; other keys pad with 0. ``input_ids`` pads with the strategy's pad token.
 _PAD_VALUES = {"attention_mask": 0, "labels": IGNORE_INDEX, "loss_mask": 0, "special_tokens_mask": 1}
 

@@ -164,13 +164,13 @@ class MQSPStrategy(DDPStrategy):
         reject_unroutable_modules(module)
         self._undo_model_patches = huggingface.prepare(module, self.allow_sequence_pooling)
         hf_models = huggingface.huggingface_models(module)
-        self._context = SequenceParallelContext(
-            group=self.sequence_parallel_group, rank=self.sequence_parallel_rank, world_size=self.sequence_parallel_size,
-            layout=self.layout, micro_q_size=self.micro_q_size, backend=self.attention_backend,
-        )
         shift_labels = self.shift_labels
         if shift_labels is None:
             shift_labels = any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in hf_models)
+        self._context = SequenceParallelContext(
+            group=self.sequence_parallel_group, rank=self.sequence_parallel_rank, world_size=self.sequence_parallel_size,
+            layout=self.layout, micro_q_size=self.micro_q_size, backend=self.attention_backend, labels_shifted=shift_labels,
+        )
         pad_token_id = self.pad_token_id
         if pad_token_id is None:
             pad_token_id = next((m.config.pad_token_id for m in hf_models if m.config.pad_token_id is not None), 0)

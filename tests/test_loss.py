@@ -49,3 +49,34 @@ def test_without_a_group_it_is_the_plain_mean() -> None:
     logits, labels = make_case()
     expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     assert sequence_parallel_cross_entropy(logits, labels).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def _hf_causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What a Hugging Face *ForCausalLM computes: logits[t] predicts labels[t+1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _sharded_causal_loss(layout: str) -> float:
+    import torch.distributed as dist
+
+    from lightning_mqsp import causal_lm_cross_entropy
+    from lightning_mqsp.adapters import SequenceParallelContext, activate
+    from lightning_mqsp.sharding import shift_left
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logits, labels = make_case(seed=1)
+    context = SequenceParallelContext(group=None, rank=rank, world_size=world, layout=layout, labels_shifted=True)
+    with activate(context):  # as under MQSPStrategy: labels shifted before sharding
+        local_labels = shard_sequence(shift_left(labels), 1, rank, world, layout)
+        return causal_lm_cross_entropy(shard_sequence(logits, 1, rank, world, layout), local_labels).item()
+
+
+@pytest.mark.timeout(120)
+def test_causal_lm_loss_is_the_hugging_face_loss_under_mqsp_and_alone(workers) -> None:
+    from lightning_mqsp import causal_lm_cross_entropy
+
+    logits, labels = make_case(seed=1)
+    expected = _hf_causal_loss(logits, labels).item()
+    assert causal_lm_cross_entropy(logits, labels).item() == pytest.approx(expected, rel=1e-12)
+    for loss in workers(2).run(_sharded_causal_loss, "zigzag"):
+        assert loss == pytest.approx(expected, rel=1e-12)

@@ -40,6 +40,8 @@ class SequenceParallelContext:
     layout: Layout
     micro_q_size: int | None = None
     backend: str = "auto"
+    #: Whether the strategy shifted causal-LM labels before sharding (read by ``causal_lm_cross_entropy``).
+    labels_shifted: bool = False
     #: Attention calls routed through MQSP since activation; read by :class:`AttentionAudit`.
     attention_calls: int = 0
 
