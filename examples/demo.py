@@ -1,19 +1,21 @@
-"""`make demo`: train the BERT MLM example with sequence parallelism (SP=2) and on one process,
-and show that the two loss curves agree step by step.
+"""`make demo`: train the BERT MLM example with sequence parallelism and on one process, and show
+that the loss curves agree step by step.
 
-    python examples/demo.py [--steps 60] [--seq-len 1024] [--out runs/demo]
+    python examples/demo.py                                   # SP=2 against one process, 60 steps
+    python examples/demo.py --sp 2 4 --steps 300 --out runs/convergence   # the convergence experiment
 
-Both runs start from the same seed and see the same batches; dropout is off, so the only
-difference is that one splits every sequence over two ranks and computes attention with MQSP.
-Prints both curves side by side with their largest difference, writes a PNG plot, and ends with
-one line saying whether they agree (|difference| <= 1e-3 at every step, fp32). Uses GPUs when
-there are at least two.
+Every run starts from the same seed and sees the same batches; dropout is off, so the only
+difference is that the MQSP runs split every sequence over SP ranks. Prints the curves side by
+side with their largest difference from the single-process curve, writes a PNG plot, and ends
+with one line saying whether they agree (|difference| <= 1e-3 at every step, fp32). Uses GPUs
+when there are enough.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -25,15 +27,18 @@ EXAMPLES = Path(__file__).parent
 TOLERANCE = 1e-3
 
 
-def train(name: str, devices: int, strategy: list[str], args: argparse.Namespace) -> list[float]:
-    accelerator = "gpu" if torch.cuda.device_count() >= 2 else "cpu"
+def train(sp: int, args: argparse.Namespace) -> list[float]:
+    """Train at sequence-parallel size ``sp`` (1: one process, no MQSP); return the per-step losses."""
+    accelerator = "gpu" if torch.cuda.device_count() >= sp else "cpu"
+    strategy = ["--trainer.strategy=auto"] if sp == 1 else [f"--trainer.strategy.init_args.sequence_parallel_size={sp}"]
+    name = f"sp{sp}"
     command = [
         sys.executable, str(EXAMPLES / "bert_mlm.py"), "fit",
         "--config", str(EXAMPLES / "configs" / "bert_mlm.yaml"), "--config", str(EXAMPLES / "configs" / "demo.yaml"),
-        f"--trainer.accelerator={accelerator}", f"--trainer.devices={devices}", *strategy,
-        f"--trainer.max_steps={args.steps}", f"--trainer.logger.init_args.save_dir={args.out}",
-        f"--trainer.logger.init_args.version={name}", f"--data.seq_len={args.seq_len}",
-        f"--model.max_position_embeddings={args.seq_len}",
+        f"--trainer.accelerator={accelerator}", f"--trainer.devices={sp}", *strategy,
+        f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={max(1, args.steps // 2)}",
+        f"--trainer.logger.init_args.save_dir={args.out}", f"--trainer.logger.init_args.version={name}",
+        f"--data.seq_len={args.seq_len}", f"--model.max_position_embeddings={args.seq_len}",
     ]
     print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
@@ -44,50 +49,60 @@ def train(name: str, devices: int, strategy: list[str], args: argparse.Namespace
     return [float(r["train_loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
 
 
-def plot(sp: list[float], single: list[float], path: Path) -> None:
+def plot(curves: dict[int, list[float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    steps = range(1, len(sp) + 1)
-    top.plot(steps, single, label="1 process, full sequence", linewidth=3, alpha=0.5)
-    top.plot(steps, sp, label="MQSP, 2 ranks x half the sequence", linestyle="--")
-    top.set_ylabel("training loss (MLM)")
+    reference = curves[1]
+    steps = range(1, len(reference) + 1)
+    top.plot(steps, reference, label="1 process, full sequence", linewidth=4, alpha=0.4)
+    for sp, losses in curves.items():
+        if sp > 1:
+            top.plot(steps, losses, label=f"MQSP, {sp} ranks x 1/{sp} of the sequence", linestyle="--")
+            bottom.plot(steps, [abs(a - b) for a, b in zip(losses, reference)], label=f"SP={sp}")
+    top.set_ylabel("training loss (BERT MLM)")
     top.legend()
-    top.set_title("BERT MLM: MQSP (SP=2) against one process")
-    bottom.plot(steps, [abs(a - b) for a, b in zip(sp, single)], color="black")
+    top.set_title("MQSP against one process: same batches, same seed")
     bottom.axhline(TOLERANCE, color="red", linestyle=":", label=f"tolerance {TOLERANCE:g}")
     bottom.set_yscale("symlog", linthresh=1e-7)
     bottom.set_ylabel("|difference|")
     bottom.set_xlabel("step")
-    bottom.legend()
+    bottom.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sp", type=int, nargs="+", default=[2], help="sequence-parallel sizes to compare with one process")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args()
 
-    sp = train("sp2", 2, [], args)
-    single = train("single", 1, ["--trainer.strategy=auto"], args)
-    if len(sp) != len(single) or not sp:
-        raise SystemExit(f"The runs logged different numbers of steps ({len(sp)} and {len(single)}).")
-    print(f"\n{'step':>5} {'1 process':>12} {'MQSP SP=2':>12} {'|difference|':>14}")
-    for step, (a, b) in enumerate(zip(single, sp), start=1):
-        print(f"{step:5d} {a:12.6f} {b:12.6f} {abs(a - b):14.2e}")
-    worst = max(abs(a - b) for a, b in zip(sp, single))
-    figure = Path(args.out) / "demo_loss_curves.png"
-    plot(sp, single, figure)
+    sizes = sorted(set(args.sp) - {1})
+    curves = {sp: train(sp, args) for sp in sizes}
+    curves[1] = train(1, args)
+    if any(len(c) != len(curves[1]) for c in curves.values()) or not curves[1]:
+        raise SystemExit(f"The runs logged different numbers of steps: { {sp: len(c) for sp, c in curves.items()} }.")
+    print(f"\n{'step':>5} {'1 process':>11}" + "".join(f" {f'SP={sp}':>11} {'|diff|':>9}" for sp in sizes))
+    for step in range(len(curves[1])):
+        reference = curves[1][step]
+        print(f"{step + 1:5d} {reference:11.6f}" + "".join(f" {curves[sp][step]:11.6f} {abs(curves[sp][step] - reference):9.1e}" for sp in sizes))
+    worst = {sp: max(abs(a - b) for a, b in zip(curves[sp], curves[1])) for sp in sizes}
+    out = Path(args.out)
+    figure = out / "loss_curves.png"
+    plot(curves, figure)
+    (out / "loss_curves.json").write_text(json.dumps({"args": vars(args), "curves": curves, "max_difference": worst}, indent=1))
     print(f"\nplot: {figure}")
-    verdict = "AGREE" if worst <= TOLERANCE else "DISAGREE"
-    print(f"{verdict}: over {len(sp)} steps the MQSP (SP=2) and single-process losses differ by at most {worst:.2e} (tolerance {TOLERANCE:g})")
-    raise SystemExit(0 if worst <= TOLERANCE else 1)
+    agree = all(w <= TOLERANCE for w in worst.values())
+    details = ", ".join(f"SP={sp}: {w:.2e}" for sp, w in worst.items())
+    print(f"{'AGREE' if agree else 'DISAGREE'}: over {len(curves[1])} steps the MQSP and single-process losses differ "
+          f"by at most {details} (tolerance {TOLERANCE:g})")
+    raise SystemExit(0 if agree else 1)
 
 
 if __name__ == "__main__":

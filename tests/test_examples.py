@@ -44,7 +44,7 @@ def assert_trains(losses: list[float], steps: int) -> None:
 def test_demo_curves_agree(tmp_path: Path) -> None:
     out = run([str(EXAMPLES / "demo.py"), "--steps", "6", "--seq-len", "256", "--out", str(tmp_path)], tmp_path, timeout=380)
     assert "AGREE:" in out.splitlines()[-1], out[-2000:]
-    assert (tmp_path / "demo_loss_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.timeout(300)
