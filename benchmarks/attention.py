@@ -221,6 +221,18 @@ def planned_records(args: argparse.Namespace, world_size: int) -> tuple[list[Tas
     return tasks, skipped
 
 
+def refreshed(record: Record, args: argparse.Namespace) -> Record:
+    """A record read back from an earlier run, with its analytic peak and byte formula (and a
+    memory skip's "would need") recomputed by the current code; measurements are kept."""
+    shape = Shape(args.batch, args.heads, record.length, args.head_dim, record.world_size)
+    method = METHODS[record.method]
+    record.peak_estimate_bytes = method.peak_memory_bytes(shape)
+    record.comm_formula_bytes = method.communication_bytes(shape)
+    if record.status.startswith("skipped (would need"):
+        record.status = skip_reason(args, record.method, shape) or "not run (the resumed run's estimate was over budget)"
+    return record
+
+
 def threads_per_rank(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
@@ -429,7 +441,7 @@ def run_scaling(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     resumed = json.loads(args.resume.read_text()) if args.resume else {"check_errors": {}, "records": []}
     for p in args.world_sizes:
-        reused = [Record(**r) for r in resumed["records"] if r["world_size"] == p]
+        reused = [refreshed(Record(**r), args) for r in resumed["records"] if r["world_size"] == p]
         if reused:
             print(f"P={p}: {len(reused)} records reused from {args.resume}", flush=True)
             records += reused
@@ -507,7 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-length", type=int, default=8192)
     parser.add_argument("--sweep-world-size", type=int, default=2)
     parser.add_argument("--micro-q-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 2048, 4096])
-    parser.add_argument("--resume", type=Path, help="attention.partial.json of an earlier run: its world sizes are reused, not rerun")
+    parser.add_argument("--resume", type=Path, help="attention.json or attention.partial.json of an earlier run (same "
+                        "--batch, --heads, --head-dim): its world sizes are reused, not rerun; with all of them, only the report is redone")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     if parser.parse_known_args(argv)[0].quick:  # smaller defaults; flags given explicitly still win
         parser.set_defaults(lengths=[1024, 2048, 4096], repeats=2, check_length=256, ratio_length=4096,
