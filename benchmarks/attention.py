@@ -440,6 +440,7 @@ def run_scaling(args: argparse.Namespace) -> None:
     check_errors = {}
     args.out.mkdir(parents=True, exist_ok=True)
     resumed = json.loads(args.resume.read_text()) if args.resume else {"check_errors": {}, "records": []}
+    info["resumed_run_machine"] = resumed.get("machine")  # where and when the reused records were measured
     for p in args.world_sizes:
         reused = [refreshed(Record(**r), args) for r in resumed["records"] if r["world_size"] == p]
         if reused:
@@ -468,7 +469,8 @@ def run_scaling(args: argparse.Namespace) -> None:
     }, indent=1))
     (args.out / "attention.txt").write_text(table + "\n" + summary_text + "\n")
     plot_scaling(records, sorted(args.world_sizes), args.out / "attention_scaling.png")
-    plot_weak_scaling(records, [length for length in args.lengths if length * 4 in args.lengths], args.out / "weak_scaling.png")
+    # The two longest complete series: more lines than that make the plot unreadable.
+    plot_weak_scaling(records, [length for length in args.lengths if length * 4 in args.lengths][-2:], args.out / "weak_scaling.png")
     print(f"\nload average start {info['load_average_at_start']}, end {info['load_average_at_end']}; wrote {args.out}/")
 
 
