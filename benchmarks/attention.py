@@ -7,8 +7,8 @@ single-process float64 SDPA (outputs and dQ, dK, dV). Per configuration: one fwd
 rank sends), then the median of ``--repeats`` timed fwd+bwd runs (each the slowest rank's time).
 A configuration whose analytic peak exceeds the memory budget is reported, not run.
 
-    python benchmarks/attention.py                 # full run, ~12-15 min on 2 cores
-    python benchmarks/attention.py --quick         # ~1 min
+    python benchmarks/attention.py                 # full run: ~15 min estimated on 2 idle cores (51 min measured under load)
+    python benchmarks/attention.py --quick         # ~1 min estimated idle (5.5 min measured under load)
     python benchmarks/attention.py --micro-q-sweep # memory/time against micro_q_size at one L, P
 
 Writes a table to stdout and JSON + PNG plots to ``--out`` (default benchmarks/out/).
