@@ -142,7 +142,9 @@ class _MQSPAttention(torch.autograd.Function):
                 next_gather = gather(j + 1)
             part_out, part_lse = plan.backend.forward(gathered_query, key, value, plan.mask(start, stop, key_padding_mask), plan.scale)
             packed = torch.cat([part_out, part_lse.unsqueeze(-1)], dim=-1)
+            del part_out, part_lse, gathered_query  # free this step's buffers before the next step allocates its own
             returned = comm.all_to_all(_rows_to_ranks(packed, plan.world_size), plan.group)
+            del packed
             if in_flight is not None:
                 finish(*in_flight)
             in_flight = (returned, start, stop)
@@ -187,6 +189,8 @@ class _MQSPAttention(torch.autograd.Function):
             grad_key = part_grad_key if grad_key is None else grad_key.add_(part_grad_key)
             grad_value = part_grad_value if grad_value is None else grad_value.add_(part_grad_value)
             returned = comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group)
+            # Free this step's buffers before the next step allocates its own (they are [B, H, l, D] each).
+            del part_grad_query, part_grad_key, part_grad_value, rows, stats
             if in_flight is not None:
                 pending, done_start, done_stop = in_flight
                 grad_query[:, :, done_start:done_stop] = pending.wait()

@@ -61,14 +61,18 @@ class Pending:
     """The result of an async collective; ``wait()`` returns it once it has arrived."""
 
     def __init__(self, result: Tensor, work: dist.Work | None) -> None:
-        self._result = result
+        self._result: Tensor | None = result
         self._work = work
 
     def wait(self) -> Tensor:
+        """The result, once; the handle lets go of it so that the caller alone decides its lifetime."""
         if self._work is not None:
             self._work.wait()
             self._work = None
-        return self._result
+        result, self._result = self._result, None
+        if result is None:
+            raise RuntimeError("Pending.wait() was already called: the result was handed over then.")
+        return result
 
 
 def group_size(group: ProcessGroup | None) -> int:
