@@ -1,16 +1,17 @@
 """A task only cross-shard attention can solve: recall a value stored early in a long sequence.
 
-Each sequence of L tokens is filler with a key-value *pair token* (one token encodes a key and
-its value) somewhere in its first quarter, and ends with a *query token* naming the key. The
-model must output the key's value at the last position. (With several keys and pairs per
-sequence the task becomes associative recall, which a small model learns far more slowly:
-raise NUM_KEYS and PAIRS_PER_SEQUENCE to try it.) With the sequence split over P ranks
-(contiguous layout), the query sits on the last rank and every pair on the first: with MQSP the
-query attends to the whole sequence and the task is learnable; with attention restricted to the
-local shard (what sequence sharding without MQSP gives) the query cannot see any pair, and the
-model stays at chance (1 / number of values).
+Each sequence of L tokens is a blank filler token with a key-value *pair token* (one token
+encodes a key and its value) somewhere in its first quarter, and ends with a *query token*
+naming the key. The model must output the key's value at the last position. (A haystack of
+varied filler tokens, or several keys per sequence, makes the task far slower to learn for a
+small model at this length: raise NUM_FILLER, NUM_KEYS and PAIRS_PER_SEQUENCE to try it.)
 
-    python examples/long_range_retrieval.py --length 2048 --world-size 4 --steps 300
+With the sequence split over P ranks (contiguous layout), the query sits on the last rank and
+the pair on the first: with MQSP the query attends to the whole sequence and the task is
+learnable; with attention restricted to the local shard (what sequence sharding without MQSP
+gives) the query cannot see the pair, and the model stays at chance (1 / number of values).
+
+    python examples/long_range_retrieval.py --length 2048 --world-size 4 --steps 200
 
 Runs both settings, prints their accuracy side by side, and writes JSON. The model is plain
 PyTorch calling ``F.scaled_dot_product_attention``; the strategy routes that call through MQSP
@@ -37,7 +38,7 @@ import lightning_mqsp  # noqa: F401  (registers the "mqsp" strategy name)
 from lightning_mqsp import MQSPStrategy, sequence_parallel_cross_entropy, sequence_parallel_loss
 
 NUM_KEYS, NUM_VALUES = 1, 16
-NUM_FILLER = 32
+NUM_FILLER = 1
 PAIRS_PER_SEQUENCE = 1
 # Token ids: [filler | pair tokens (key * NUM_VALUES + value) | query tokens (one per key)]
 PAIR_BASE = NUM_FILLER
@@ -208,7 +209,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["both", "mqsp", "local"], default="both")
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--world-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--val-samples", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
