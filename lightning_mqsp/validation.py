@@ -9,6 +9,7 @@ are caught by comparing the rows. Only then do the attention collectives start.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.distributed as dist
@@ -95,7 +96,7 @@ def synchronized_metadata(
         row = [
             0, b, h, key.size(1), s, d, _DTYPES.index(query.dtype), int(causal), LAYOUTS.index(layout),
             int(has_mask), micro_q_size or 0, round(dropout_p * 1e6),
-            int(torch.tensor([scale or 0.0], dtype=torch.float32).view(torch.int32).item()), dropout_seed,
+            struct.unpack("<i", struct.pack("<f", scale or 0.0))[0], dropout_seed,
         ]
     else:
         row = [1] + [0] * (len(METADATA_FIELDS) - 1)
