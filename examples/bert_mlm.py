@@ -35,12 +35,15 @@ class BertMLM(LightningModule):
         dropout: hidden and attention-probability dropout (0 makes runs at different SP sizes
             comparable step by step; attention dropout under MQSP uses its own counter-based mask).
         pretrained: a hub name or path to start from instead of a fresh config.
+        attn_implementation: Hugging Face attention kernel when not under MQSP (``"sdpa"`` or
+            ``"eager"``); MQSPStrategy switches the model to ``"mqsp"`` itself.
     """
 
     def __init__(
         self, vocab_size: int = 8192, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
         intermediate_size: int = 512, max_position_embeddings: int = 4096, dropout: float = 0.0,
         lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 20, pretrained: str | None = None,
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -52,6 +55,7 @@ class BertMLM(LightningModule):
                 intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
                 hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
             ))
+        self.model.set_attn_implementation(attn_implementation)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(

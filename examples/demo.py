@@ -38,7 +38,7 @@ def train(sp: int, args: argparse.Namespace) -> list[float]:
         f"--trainer.accelerator={accelerator}", f"--trainer.devices={sp}", *strategy,
         f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={max(1, args.steps // 2)}",
         f"--trainer.logger.init_args.save_dir={args.out}", f"--trainer.logger.init_args.version={name}",
-        f"--data.seq_len={args.seq_len}", f"--model.max_position_embeddings={args.seq_len}",
+        f"--data.seq_len={args.seq_len}", f"--model.max_position_embeddings={args.seq_len}", f"--model.lr={args.lr}",
     ]
     print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--sp", type=int, nargs="+", default=[2], help="sequence-parallel sizes to compare with one process")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args()
 
