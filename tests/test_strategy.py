@@ -23,7 +23,7 @@ from lightning_mqsp import MQSPStrategy
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from reference import dp_batches, reference_run  # noqa: E402
+from single_process_training import dp_batches, reference_run  # noqa: E402
 from tiny_lm import build_model, make_samples  # noqa: E402
 
 REPO = Path(__file__).parent.parent
