@@ -141,9 +141,13 @@ class _MQSPAttention(torch.autograd.Function):
             if j + 1 < len(steps):
                 next_gather = gather(j + 1)
             part_out, part_lse = plan.backend.forward(gathered_query, key, value, plan.mask(start, stop, key_padding_mask), plan.scale)
-            packed = torch.cat([part_out, part_lse.unsqueeze(-1)], dim=-1)
-            del part_out, part_lse, gathered_query  # free this step's buffers before the next step allocates its own
-            returned = comm.all_to_all(_rows_to_ranks(packed, plan.world_size), plan.group)
+            # Pack (out | lse) rank-major in one strided copy: the all-to-all then sends it as it is.
+            packed = part_out.new_empty((plan.world_size, b, h, stop - start, d + 1))
+            packed_rows = packed.movedim(0, 2)  # [B, H, P, c, D+1], a view
+            packed_rows[..., :d] = part_out.view(b, h, plan.world_size, stop - start, d)
+            packed_rows[..., d] = part_lse.view(b, h, plan.world_size, stop - start)
+            del part_out, part_lse, gathered_query, packed_rows  # free this step's buffers before the next step allocates its own
+            returned = comm.all_to_all(packed, plan.group)
             del packed
             if in_flight is not None:
                 finish(*in_flight)
@@ -177,12 +181,15 @@ class _MQSPAttention(torch.autograd.Function):
         next_gather = gather(0)
         in_flight: tuple[comm.Pending, int, int] | None = None
         for j, (start, stop) in enumerate(steps):
-            rows = _ranks_to_rows(next_gather[0].wait())
+            gathered_rows = next_gather[0].wait()
+            # Unpacked straight into contiguous [B, H, P*c, D] tensors: one copy, none in the kernel.
+            step_query, step_grad_out = _ranks_to_rows(gathered_rows[..., :d]), _ranks_to_rows(gathered_rows[..., d:])
             stats = _ranks_to_rows(next_gather[1].wait())
+            del gathered_rows
             if j + 1 < len(steps):
                 next_gather = gather(j + 1)
             part_grad_query, part_grad_key, part_grad_value = plan.backend.backward(
-                rows[..., :d], key, value, rows[..., d:], stats[..., 0], stats[..., 1],
+                step_query, key, value, step_grad_out, stats[..., 0], stats[..., 1],
                 plan.mask(start, stop, key_padding_mask), plan.scale,
             )
             # The first step's key/value gradients become the accumulators: no zero-filled copies.
@@ -190,7 +197,7 @@ class _MQSPAttention(torch.autograd.Function):
             grad_value = part_grad_value if grad_value is None else grad_value.add_(part_grad_value)
             returned = comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group)
             # Free this step's buffers before the next step allocates its own (they are [B, H, l, D] each).
-            del part_grad_query, part_grad_key, part_grad_value, rows, stats
+            del part_grad_query, part_grad_key, part_grad_value, step_query, step_grad_out, stats
             if in_flight is not None:
                 pending, done_start, done_stop = in_flight
                 grad_query[:, :, done_start:done_stop] = pending.wait()

@@ -65,6 +65,11 @@ def _pieces(mask: AttentionMask, num_rows: int, num_keys: int) -> list[_Piece]:
     return pieces
 
 
+def _is_whole_block(pieces: list[_Piece], num_rows: int, num_keys: int) -> bool:
+    """One call covers the block (no causal diagonal): use the kernel's results as they are."""
+    return pieces == [_Piece(0, num_rows, 0, num_keys, False)]
+
+
 def _padding_bias(mask: AttentionMask, piece: _Piece) -> Tensor | None:
     """Additive [B, 1, 1, n] mask (0 or -inf) for the piece's keys; broadcast by the kernel, not copied."""
     if mask.key_padding_mask is None:
@@ -117,9 +122,14 @@ class CpuFlashBackend:
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float) -> tuple[Tensor, Tensor]:
         batch, heads, rows, _ = q.shape
         q, k, v = q.float(), expand_kv_heads(k.float(), heads), expand_kv_heads(v.float(), heads)
+        pieces = _pieces(mask, rows, k.size(2))
+        if _is_whole_block(pieces, rows, k.size(2)):
+            out, lse = _flash_forward(q, k, v, 0.0, False, attn_mask=_padding_bias(mask, pieces[0]), scale=scale)
+            empty = _rows_without_keys(mask, pieces[0])
+            return out, lse if empty is None else lse.masked_fill(empty, float("-inf"))
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full((batch, heads, rows), float("-inf"), dtype=torch.float32, device=q.device)
-        for piece in _pieces(mask, rows, k.size(2)):
+        for piece in pieces:
             r, c = slice(piece.row_start, piece.row_stop), slice(piece.key_start, piece.key_stop)
             part_out, part_lse = _flash_forward(
                 q[:, :, r], k[:, :, c], v[:, :, c], 0.0, piece.causal, attn_mask=_padding_bias(mask, piece), scale=scale
@@ -140,8 +150,7 @@ class CpuFlashBackend:
         # The kernel recomputes p = exp(s - lse): a row with no key anywhere (lse = -inf) must give p = 0.
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
         pieces = _pieces(mask, q.size(2), k.size(2))
-        if len(pieces) == 1 and pieces[0] == _Piece(0, q.size(2), 0, k.size(2), False):
-            # The whole block in one call (no causal diagonal here): keep the kernel's own buffers.
+        if _is_whole_block(pieces, q.size(2), k.size(2)):
             dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, 0.0, False, attn_mask=_padding_bias(mask, pieces[0]), scale=scale)
             return dq, reduce_kv_heads(dk, num_kv_heads), reduce_kv_heads(dv, num_kv_heads)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
