@@ -52,7 +52,8 @@ def count_communication() -> Iterator[CommCounter]:
         _active_counters.remove(counter)
 
 
-def _record(name: str, nbytes: float) -> None:
+def record_bytes_sent(name: str, nbytes: float) -> None:
+    """Add ``nbytes`` sent by this rank under ``name`` to every active counter (for collectives built elsewhere, e.g. point-to-point rings)."""
     for counter in _active_counters:
         counter.record(name, nbytes)
 
@@ -86,7 +87,7 @@ def all_gather(x: Tensor, group: ProcessGroup | None) -> Pending:
         return Pending(x.unsqueeze(0), None)
     x = x.contiguous().unsqueeze(0)
     out = x.new_empty((size, *x.shape[1:]))
-    _record("all_gather", (size - 1) * x.numel() * x.element_size())
+    record_bytes_sent("all_gather", (size - 1) * x.numel() * x.element_size())
     return Pending(out, dist.all_gather_single(out, x, group=group, async_op=True))
 
 
@@ -97,7 +98,7 @@ def all_to_all(x: Tensor, group: ProcessGroup | None) -> Pending:
         return Pending(x, None)
     x = x.contiguous()
     out = torch.empty_like(x)
-    _record("all_to_all", (size - 1) / size * x.numel() * x.element_size())
+    record_bytes_sent("all_to_all", (size - 1) / size * x.numel() * x.element_size())
     return Pending(out, dist.all_to_all_single(out, x, group=group, async_op=True))
 
 
@@ -108,5 +109,5 @@ def reduce_scatter(x: Tensor, group: ProcessGroup | None) -> Pending:
         return Pending(x[0], None)
     x = x.contiguous()
     out = x.new_empty((1, *x.shape[1:]))
-    _record("reduce_scatter", (size - 1) / size * x.numel() * x.element_size())
+    record_bytes_sent("reduce_scatter", (size - 1) / size * x.numel() * x.element_size())
     return Pending(out[0], dist.reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group, async_op=True))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_mqsp import comm
-from lightning_mqsp.backends.cpu_flash import _merge_into
+from lightning_mqsp.backends.cpu_flash import merge_into
 from lightning_mqsp.comm import Pending, ProcessGroup
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -88,7 +88,7 @@ def ring_shift(x: Tensor, group: ProcessGroup | None) -> Pending:
     received = torch.empty_like(x)
     to_rank = dist.get_global_rank(group, (rank + 1) % size) if group is not None else (rank + 1) % size
     from_rank = dist.get_global_rank(group, (rank - 1) % size) if group is not None else (rank - 1) % size
-    comm._record("send_recv", x.numel() * x.element_size())
+    comm.record_bytes_sent("send_recv", x.numel() * x.element_size())
     works = dist.batch_isend_irecv([
         dist.P2POp(dist.isend, x, to_rank, group), dist.P2POp(dist.irecv, received, from_rank, group),
     ])
@@ -137,7 +137,7 @@ def flash_backward(
 
 def merge_partial(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
     """Online softmax: fold a partial (out, lse) over more keys into the running float32 (out, lse), in place."""
-    _merge_into(out, lse, part_out, part_lse)
+    merge_into(out, lse, part_out, part_lse)
 
 
 class LocalFlashAttention(torch.autograd.Function):

@@ -93,7 +93,7 @@ def _rows_without_keys(mask: AttentionMask, piece: _Piece) -> Tensor | None:
     return (~seen[:, last_key]).view(-1, 1, rows)
 
 
-def _merge_into(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
+def merge_into(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
     """out, lse <- the exact softmax merge of (out, lse) with (part_out, part_lse), in place."""
     merged = torch.logaddexp(lse, part_lse)
     finite = torch.where(torch.isneginf(merged), torch.zeros_like(merged), merged)
@@ -137,7 +137,7 @@ class CpuFlashBackend:
             empty = _rows_without_keys(mask, piece)
             if empty is not None:
                 part_lse = part_lse.masked_fill(empty, float("-inf"))
-            _merge_into(out[:, :, r], lse[:, :, r], part_out, part_lse)
+            merge_into(out[:, :, r], lse[:, :, r], part_out, part_lse)
         return out, lse
 
     def backward(
