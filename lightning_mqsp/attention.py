@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,9 @@ from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.dropout import draw_seed
 from lightning_mqsp.layout import Layout, global_positions
 from lightning_mqsp.validation import METADATA_FIELDS, check_group_membership, local_input_error, synchronized_metadata
+
+Gathered = TypeVar("Gathered")
+Inputs = TypeVar("Inputs")
 
 #: With micro_q_size=None each micro-step gathers about this many query rows from the whole group.
 AUTO_GATHERED_ROWS = 1024
@@ -117,6 +121,34 @@ def _merge_partials(packed: Tensor) -> tuple[Tensor, Tensor]:
     return (weights.unsqueeze(-1) * part_out).sum(dim=0), lse
 
 
+def _run_micro_steps(
+    num_steps: int,
+    gather: Callable[[int], Gathered],
+    unpack: Callable[[Gathered], Inputs],
+    compute: Callable[[int, Inputs], comm.Pending],
+    finish: Callable[[int, Tensor], None],
+) -> None:
+    """The micro-step loop of forward and backward, with communication overlapping compute.
+
+    Step j's gathered inputs are unpacked (freeing the raw receive buffers) before step j+1's
+    gather is issued; step j's result is sent back while step j+1 computes, and ``finish``
+    stores it once it has arrived.
+    """
+    next_gather = gather(0)
+    in_flight: tuple[int, comm.Pending] | None = None
+    for j in range(num_steps):
+        inputs = unpack(next_gather)
+        if j + 1 < num_steps:
+            next_gather = gather(j + 1)
+        returned = compute(j, inputs)
+        del inputs  # free this step's buffers before the next step allocates its own
+        if in_flight is not None:
+            finish(in_flight[0], in_flight[1].wait())
+        in_flight = (j, returned)
+    assert in_flight is not None
+    finish(in_flight[0], in_flight[1].wait())
+
+
 class _MQSPAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, plan: _Plan) -> Tensor:  # type: ignore[override]
@@ -129,32 +161,21 @@ class _MQSPAttention(torch.autograd.Function):
             start, stop = steps[j]
             return comm.all_gather(query[:, :, start:stop], plan.group)
 
-        def finish(returned: comm.Pending, start: int, stop: int) -> None:
-            out_rows, lse_rows = _merge_partials(returned.wait())
-            out[:, :, start:stop] = out_rows
-            lse[:, :, start:stop] = lse_rows
-
-        next_gather = gather(0)
-        in_flight: tuple[comm.Pending, int, int] | None = None
-        for j, (start, stop) in enumerate(steps):
-            gathered_query = _ranks_to_rows(next_gather.wait())
-            if j + 1 < len(steps):
-                next_gather = gather(j + 1)
+        def compute(j: int, gathered_query: Tensor) -> comm.Pending:
+            start, stop = steps[j]
             part_out, part_lse = plan.backend.forward(gathered_query, key, value, plan.mask(start, stop, key_padding_mask), plan.scale)
             # Pack (out | lse) rank-major in one strided copy: the all-to-all then sends it as it is.
             packed = part_out.new_empty((plan.world_size, b, h, stop - start, d + 1))
             packed_rows = packed.movedim(0, 2)  # [B, H, P, c, D+1], a view
             packed_rows[..., :d] = part_out.view(b, h, plan.world_size, stop - start, d)
             packed_rows[..., d] = part_lse.view(b, h, plan.world_size, stop - start)
-            del part_out, part_lse, gathered_query, packed_rows  # free this step's buffers before the next step allocates its own
-            returned = comm.all_to_all(packed, plan.group)
-            del packed
-            if in_flight is not None:
-                finish(*in_flight)
-            in_flight = (returned, start, stop)
-        assert in_flight is not None
-        finish(*in_flight)
+            return comm.all_to_all(packed, plan.group)
 
+        def finish(j: int, returned: Tensor) -> None:
+            start, stop = steps[j]
+            out[:, :, start:stop], lse[:, :, start:stop] = _merge_partials(returned)
+
+        _run_micro_steps(len(steps), gather, lambda pending: _ranks_to_rows(pending.wait()), compute, finish)
         ctx.plan = plan
         ctx.save_for_backward(query, key, value, out, lse, key_padding_mask)
         return out
@@ -165,8 +186,7 @@ class _MQSPAttention(torch.autograd.Function):
         query, key, value, out, lse, key_padding_mask = ctx.saved_tensors
         d = query.size(-1)
         grad_query = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        grad_key: Tensor | None = None
-        grad_value: Tensor | None = None
+        grad_kv: list[Tensor] = []  # [dK, dV] accumulators: the first step's gradients, added into
         steps = plan.steps()
 
         def gather(j: int) -> tuple[comm.Pending, comm.Pending]:
@@ -178,33 +198,31 @@ class _MQSPAttention(torch.autograd.Function):
             stats = torch.stack([lse[:, :, start:stop], delta], dim=-1)
             return comm.all_gather(rows, plan.group), comm.all_gather(stats, plan.group)
 
-        next_gather = gather(0)
-        in_flight: tuple[comm.Pending, int, int] | None = None
-        for j, (start, stop) in enumerate(steps):
-            gathered_rows = next_gather[0].wait()
-            # Unpacked straight into contiguous [B, H, P*c, D] tensors: one copy, none in the kernel.
-            step_query, step_grad_out = _ranks_to_rows(gathered_rows[..., :d]), _ranks_to_rows(gathered_rows[..., d:])
-            stats = _ranks_to_rows(next_gather[1].wait())
-            del gathered_rows
-            if j + 1 < len(steps):
-                next_gather = gather(j + 1)
-            part_grad_query, part_grad_key, part_grad_value = plan.backend.backward(
+        def unpack(pending: tuple[comm.Pending, comm.Pending]) -> tuple[Tensor, Tensor, Tensor]:
+            rows = pending[0].wait()
+            # Straight into contiguous [B, H, P*c, D] tensors: one copy, none in the kernel.
+            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:]), _ranks_to_rows(pending[1].wait())
+
+        def compute(j: int, inputs: tuple[Tensor, Tensor, Tensor]) -> comm.Pending:
+            start, stop = steps[j]
+            step_query, step_grad_out, stats = inputs
+            part_grad_query, *part_grad_kv = plan.backend.backward(
                 step_query, key, value, step_grad_out, stats[..., 0], stats[..., 1],
                 plan.mask(start, stop, key_padding_mask), plan.scale,
             )
-            # The first step's key/value gradients become the accumulators: no zero-filled copies.
-            grad_key = part_grad_key if grad_key is None else grad_key.add_(part_grad_key)
-            grad_value = part_grad_value if grad_value is None else grad_value.add_(part_grad_value)
-            returned = comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group)
-            # Free this step's buffers before the next step allocates its own (they are [B, H, l, D] each).
-            del part_grad_query, part_grad_key, part_grad_value, step_query, step_grad_out, stats
-            if in_flight is not None:
-                pending, done_start, done_stop = in_flight
-                grad_query[:, :, done_start:done_stop] = pending.wait()
-            in_flight = (returned, start, stop)
-        assert in_flight is not None and grad_key is not None and grad_value is not None
-        pending, done_start, done_stop = in_flight
-        grad_query[:, :, done_start:done_stop] = pending.wait()
+            if grad_kv:
+                for total, part in zip(grad_kv, part_grad_kv):
+                    total.add_(part)
+            else:  # no zero-filled accumulators
+                grad_kv.extend(part_grad_kv)
+            return comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group)
+
+        def finish(j: int, returned: Tensor) -> None:
+            start, stop = steps[j]
+            grad_query[:, :, start:stop] = returned
+
+        _run_micro_steps(len(steps), gather, unpack, compute, finish)
+        grad_key, grad_value = grad_kv
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
 
 
