@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_mqsp import comm
-from lightning_mqsp.backends.cpu_flash import merge_into
 from lightning_mqsp.comm import Pending, ProcessGroup
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -133,11 +132,6 @@ def flash_backward(
     """The kernel's backward. Fed the *global* out and lse of the rows, it gives exactly the
     gradient share of the keys ``k``/``v`` passed in (the ring-attention trick)."""
     return _flash_backward(dout, q, k, v, out, lse, 0.0, False, scale=scale)
-
-
-def merge_partial(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """Online softmax: fold a partial (out, lse) over more keys into the running float32 (out, lse), in place."""
-    merge_into(out, lse, part_out, part_lse)
 
 
 class LocalFlashAttention(torch.autograd.Function):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_mqsp.backends.cpu_flash import merge_into
+
 from .common import (
-    Method, ProcessGroup, Shape, default_scale, flash_backward, flash_forward, inputs_and_grads_bytes, merge_partial,
+    Method, ProcessGroup, Shape, default_scale, flash_backward, flash_forward, inputs_and_grads_bytes,
     ring_blocks, ring_shift,
 )
 
@@ -29,7 +31,7 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros_like(q, dtype=torch.float32)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32)
         for _, kv in ring_blocks(torch.stack([k, v]), group):
-            merge_partial(out, lse, *flash_forward(q, kv[0], kv[1], scale))
+            merge_into(out, lse, *flash_forward(q, kv[0], kv[1], scale))
         ctx.group, ctx.scale = group, scale
         result = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse)  # the kernel's backward takes out in the inputs' dtype
