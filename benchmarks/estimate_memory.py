@@ -27,12 +27,7 @@ What a fake CPU run cannot see, and what is assumed about it:
   CUDA autocast runs them in float32: the materialised score maps of dense, RSA and Megatron-style
   attention would be up to twice as large on a GPU, so their estimates here are optimistic.
 - Causal models (GPT-2, Llama) are estimated with non-causal attention: the baselines are
-  non-causal, a fused kernel allocates no mask, and MQSP's causal split on CPU needs the
-  positions' values (``.tolist()``), which a fake tensor does not have.
-- ``mqsp_attention``'s input check (``lightning_mqsp/validation.py``, ``synchronized_metadata``)
-  reads the all-gathered metadata row with ``.item()``/``.tolist()``, which fake tensors cannot
-  answer. Under the fake process group it is replaced by :func:`_fake_safe_metadata`, which
-  sends the same int64 row (so the byte count is unchanged) and skips the comparison.
+  non-causal, and a fused kernel allocates no mask.
 """
 
 from __future__ import annotations
@@ -47,7 +42,6 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -67,8 +61,7 @@ from benchmarks.baselines import METHODS  # noqa: E402
 from benchmarks.baselines import mqsp as mqsp_baseline  # noqa: E402
 from benchmarks.baselines.common import AttentionFn, Shape  # noqa: E402
 from lightning_mqsp import count_communication  # noqa: E402
-from lightning_mqsp.comm import ProcessGroup, all_gather  # noqa: E402
-from lightning_mqsp.validation import METADATA_FIELDS  # noqa: E402
+from lightning_mqsp.comm import ProcessGroup  # noqa: E402
 
 GB = 10**9
 GiB = 2**30
@@ -233,16 +226,6 @@ def comm_size(group: ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def _fake_safe_metadata(group: ProcessGroup | None, error: str | None, query: Tensor, *args: Any) -> int:
-    """Stand-in for ``synchronized_metadata`` under fake tensors: sends the same int64 metadata
-    row (so counted bytes are unchanged) and returns dropout seed 0 (the estimates use no
-    attention dropout). The real check reads the gathered row's values, which a fake tensor lacks."""
-    if error is not None:
-        raise ValueError(f"mqsp_attention: {error}")
-    all_gather(torch.zeros(len(METADATA_FIELDS), dtype=torch.int64, device=query.device), group).wait()
-    return 0
-
-
 @contextmanager
 def fake_world(world_size: int) -> Iterator[None]:
     """Fake tensors on a fake process group of ``world_size`` ranks, as seen from rank 0."""
@@ -252,7 +235,6 @@ def fake_world(world_size: int) -> Iterator[None]:
     try:
         with ExitStack() as stack:
             stack.enter_context(FakeTensorMode())
-            stack.enter_context(mock.patch.object(lightning_mqsp.attention, "synchronized_metadata", _fake_safe_metadata))
             yield
     finally:
         dist.destroy_process_group()
@@ -321,7 +303,7 @@ def analytic_communication(setup: Setup, itemsize: int) -> dict[str, int]:
         dtype = torch.bfloat16 if itemsize == 2 else torch.float32
         return lightning_mqsp.attention.communication_bytes(
             batch=setup.batch, heads=heads, kv_heads=heads, local_length=setup.local_length, head_dim=head_dim,
-            world_size=setup.world_size, dtype=dtype,
+            world_size=setup.world_size, dtype=dtype, include_check=True,  # each estimate runs on a new fake group
         )
     shape = Shape(setup.batch, heads, setup.length, head_dim, setup.world_size, itemsize=itemsize)
     return METHODS[setup.method].communication_bytes(shape)

@@ -4,7 +4,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_mqsp.adapters import sequence_parallel_attention
 from lightning_mqsp.attention import auto_micro_q_size, mqsp_attention
-from lightning_mqsp.comm import CommCounter, count_communication
+from lightning_mqsp.comm import CollectiveError, CommCounter, count_communication
 from lightning_mqsp.layout import global_positions, shard_sequence, unshard_sequence
 from lightning_mqsp.loss import causal_lm_cross_entropy, sequence_parallel_cross_entropy, sequence_parallel_loss
 from lightning_mqsp.strategy import MQSPStrategy
@@ -16,6 +16,7 @@ if "mqsp" not in StrategyRegistry:
     )
 
 __all__ = [
+    "CollectiveError",
     "CommCounter",
     "MQSPStrategy",
     "auto_micro_q_size",

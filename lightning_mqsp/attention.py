@@ -1,10 +1,11 @@
 """``mqsp_attention``: exact attention over a sequence split across the ranks of a group.
 
-Per rank (DESIGN.md section 2): queries are all-gathered one micro-step of ``micro_q_size``
-rows at a time, keys and values never leave the rank, each rank computes the column block of
-the attention map that belongs to its keys, and a distributed softmax merges the P partial
-results of every row at the row's owner. Backward recomputes each micro-step from the saved
-inputs; nothing of size (P x micro_q_size) x S_local outlives a step.
+Per rank (``docs/design.md``, "The algorithm"): queries are all-gathered one micro-step of
+``micro_q_size`` rows at a time, keys and values never leave the rank, each rank computes the
+column block of the attention map that belongs to its keys, and a distributed softmax merges
+the P partial results of every row at the row's owner (:mod:`lightning_mqsp.merge`). Backward
+recomputes each micro-step from the saved inputs; nothing of size (P x micro_q_size) x S_local
+outlives a step. On one rank the local kernel runs once, without the micro-step machinery.
 
 Communication overlaps compute: the next micro-step's gather is issued before the current
 step computes, and each step's outputs travel back while the next step computes.
@@ -12,20 +13,23 @@ step computes, and each step's outputs travel back while the next step computes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_mqsp import comm
-from lightning_mqsp.backends import AttentionMask, LocalAttentionBackend, available_backends, resolve_backend
+from lightning_mqsp import comm, merge
+from lightning_mqsp.backends import LocalAttentionBackend, accumulation_dtype, resolve_backend
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.dropout import draw_seed
-from lightning_mqsp.layout import Layout, global_positions
-from lightning_mqsp.validation import METADATA_FIELDS, check_group_membership, local_input_error, synchronized_metadata
+from lightning_mqsp.layout import Layout, Run, all_positions, position_runs, slice_runs
+from lightning_mqsp.validation import FIELDS as SIGNATURE_FIELDS
+from lightning_mqsp.validation import Signature, check_across_ranks, group_membership_error, local_input_error
+from lightning_mqsp.visibility import Visibility, Window
 
 Gathered = TypeVar("Gathered")
 Inputs = TypeVar("Inputs")
@@ -42,58 +46,85 @@ def auto_micro_q_size(local_length: int, world_size: int) -> int:
 
 def communication_bytes(
     *, batch: int, heads: int, kv_heads: int, local_length: int, head_dim: int, world_size: int,
-    dtype: torch.dtype, backward: bool = True,
+    dtype: torch.dtype, backward: bool = True, include_check: bool = False,
 ) -> dict[str, int]:
     """Bytes one rank sends in one call (forward, plus backward if asked), per collective.
 
     Forward: the queries, (P-1) x l x H x D in the input dtype (= (P-1)/P x L x H x D), and the
-    partial outputs with their log-sum-exp, (P-1) x l x H x (D+1) float32. Backward: queries and
-    output gradients again (2D per row, input dtype), two float32 row statistics, and the partial
-    query gradients, (P-1) x l x H x D float32. Plus one metadata row of int64s for the checks.
-    Independent of micro_q_size and of the key/value heads: keys and values never travel.
+    partial outputs with their two row statistics, (P-1) x l x H x (D+2) in float32. Backward: the
+    queries and output gradients again (2D per row, input dtype), three float32 row statistics,
+    and the partial query gradients, (P-1) x l x H x D float32. Independent of micro_q_size and of
+    the key/value heads: keys and values never travel. ``include_check`` adds the check of a new
+    signature (the first call of its kind on a group): one row of int64s. Not counted: document ids
+    and a dropout seed, when those are used.
     """
     if world_size == 1:
         return {}
     rows = (world_size - 1) * batch * heads * local_length
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sent = {
-        "all_gather": (world_size - 1) * len(METADATA_FIELDS) * 8 + rows * head_dim * itemsize,
-        "all_to_all": rows * (head_dim + 1) * 4,
-    }
+    accumulator = accumulation_dtype(dtype).itemsize
+    sent = {"all_gather": rows * head_dim * itemsize, "all_to_all": rows * (head_dim + 2) * accumulator}
+    if include_check:
+        sent["all_gather"] += (world_size - 1) * (1 + len(SIGNATURE_FIELDS)) * 8
     if backward:
-        sent["all_gather"] += rows * (2 * head_dim * itemsize + 2 * 4)
-        sent["reduce_scatter"] = rows * head_dim * 4
+        sent["all_gather"] += rows * (2 * head_dim * itemsize + 3 * accumulator)
+        sent["reduce_scatter"] = rows * head_dim * accumulator
     return sent
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything about one call that is not a tensor to differentiate."""
+    """Everything about one call that is not a tensor: the same on every call with the same signature."""
 
     group: ProcessGroup | None
     world_size: int
     rank: int
     backend: LocalAttentionBackend
-    positions: Tensor  # [P, S_local]: global position of every rank's tokens
+    layout: Layout
+    local_length: int
     micro_q_size: int
-    causal: bool
+    window: Window
+    softcap: float | None
     scale: float
     dropout_p: float
-    dropout_seed: int
 
     def steps(self) -> list[tuple[int, int]]:
-        local_length = self.positions.size(1)
-        return [(start, min(start + self.micro_q_size, local_length)) for start in range(0, local_length, self.micro_q_size)]
+        return [(start, min(start + self.micro_q_size, self.local_length)) for start in range(0, self.local_length, self.micro_q_size)]
 
-    def mask(self, start: int, stop: int, key_padding_mask: Tensor | None) -> AttentionMask:
-        """The mask for the gathered rows [start, stop) of every rank against this rank's keys."""
-        return AttentionMask(
-            query_positions=self.positions[:, start:stop].reshape(-1),
-            key_positions=self.positions[self.rank],
-            causal=self.causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout_p,
-            dropout_seed=self.dropout_seed,
+    def runs(self, rank: int) -> tuple[Run, ...]:
+        return position_runs(self.local_length, rank, self.world_size, self.layout)
+
+    def gathered_runs(self, start: int, stop: int) -> tuple[Run, ...]:
+        """The runs of the rows [start, stop) of every rank, gathered rank after rank."""
+        return tuple(run for r in range(self.world_size) for run in slice_runs(self.runs(r), start, stop, r * (stop - start)))
+
+
+@dataclass(frozen=True)
+class _Masks:
+    """The tensors that say what is visible: positions [P, l], this rank's key padding [B, l], every
+    rank's document ids [P, B, l], the group's dropout seed."""
+
+    positions: Tensor
+    key_padding_mask: Tensor | None
+    documents: Tensor | None
+    dropout_seed: Tensor | None
+
+    def visibility(self, plan: _Plan, start: int | None = None, stop: int | None = None) -> Visibility:
+        """Rows [start, stop) of every rank against this rank's keys; all of this rank's rows when start is None."""
+        key_documents = None if self.documents is None else self.documents[plan.rank]
+        if start is None or stop is None:
+            query_positions, query_runs, segments, query_documents = self.positions[plan.rank], plan.runs(plan.rank), 1, key_documents
+        else:
+            query_positions = self.positions[:, start:stop].reshape(-1)
+            query_runs, segments = plan.gathered_runs(start, stop), plan.world_size
+            query_documents = None
+            if self.documents is not None:
+                query_documents = self.documents[:, :, start:stop].movedim(0, 1).reshape(self.documents.size(1), -1)
+        return Visibility(
+            query_positions=query_positions, key_positions=self.positions[plan.rank], query_runs=query_runs,
+            key_runs=plan.runs(plan.rank), query_segments=segments, window=plan.window,
+            key_padding_mask=self.key_padding_mask, query_documents=query_documents, key_documents=key_documents,
+            softcap=plan.softcap, dropout_p=plan.dropout_p, dropout_seed=self.dropout_seed,
         )
 
 
@@ -107,18 +138,6 @@ def _ranks_to_rows(x: Tensor) -> Tensor:
     """[P, B, H, c, ...] -> [B, H, P*c, ...], the inverse of ``_rows_to_ranks``."""
     p, b, h, c = x.shape[:4]
     return x.movedim(0, 2).reshape(b, h, p * c, *x.shape[4:])
-
-
-def _merge_partials(packed: Tensor) -> tuple[Tensor, Tensor]:
-    """Distributed softmax: [P, B, H, c, D+1] partial (out | lse) from every rank -> out, lse.
-
-    lse = logsumexp_r lse_r and out = sum_r exp(lse_r - lse) out_r, in float32. A row with no
-    visible key on any rank has lse = -inf and gets zeros."""
-    part_out, part_lse = packed[..., :-1], packed[..., -1]
-    lse = torch.logsumexp(part_lse, dim=0)
-    finite_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    weights = torch.exp(part_lse - finite_lse)
-    return (weights.unsqueeze(-1) * part_out).sum(dim=0), lse
 
 
 def _run_micro_steps(
@@ -149,81 +168,162 @@ def _run_micro_steps(
     finish(in_flight[0], in_flight[1].wait())
 
 
+def _without_autocast(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an autograd Function's forward or backward with autocast off: the inputs were cast to the
+    autocast dtype already, and partials, merges and statistics must stay in float32."""
+
+    @functools.wraps(function)
+    def wrapper(ctx: Any, *args: Any) -> Any:
+        device_type = next(a for a in args if isinstance(a, Tensor)).device.type
+        with torch.autocast(device_type, enabled=False):
+            return function(ctx, *args)
+
+    return wrapper
+
+
+def _not_twice_differentiable(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Under ``create_graph=True`` the gradients come back, but differentiating them raises (instead of
+    silently treating them as constants)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return results
+        tensors = [r for r in results if isinstance(r, Tensor)]
+        guard = torch._C._functions.DelayedError(
+            b"mqsp_attention is not twice differentiable: its backward cannot be differentiated again "
+            b"(create_graph=True, double backward, gradient penalties). Compute such terms with a model that "
+            b"runs scaled_dot_product_attention on one device.", len(tensors),
+        )
+        guarded = iter(guard(*[t.detach().requires_grad_() for t in tensors]))
+        return tuple(next(guarded) if isinstance(r, Tensor) else r for r in results)
+
+    return wrapper
+
+
+class _LocalAttention(torch.autograd.Function):
+    """One rank (or no process group): the local kernel over the whole sequence, once."""
+
+    @staticmethod
+    @_without_autocast
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:  # type: ignore[override]
+        visibility = masks.visibility(plan)
+        out, row_max, row_log_sum = plan.backend.forward(query, key, value, visibility, plan.scale)
+        out = out.to(query.dtype)
+        ctx.plan, ctx.visibility = plan, visibility
+        ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
+        return out
+
+    @staticmethod
+    @_not_twice_differentiable
+    @_without_autocast
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        plan: _Plan = ctx.plan
+        query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
+        dtype = accumulation_dtype(query.dtype)
+        delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1)
+        grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
+        grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
+        grad_query = plan.backend.backward(
+            query, key, value, grad_out, row_max, row_log_sum, delta, ctx.visibility, plan.scale, grad_key, grad_value,
+        )
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
 class _MQSPAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, plan: _Plan) -> Tensor:  # type: ignore[override]
+    @_without_autocast
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:  # type: ignore[override]
         b, h, _, d = query.shape
+        dtype = accumulation_dtype(query.dtype)
         out = torch.empty_like(query)
-        lse = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
+        row_max = torch.empty(query.shape[:3], dtype=dtype, device=query.device)
+        row_log_sum = torch.empty_like(row_max)
         steps = plan.steps()
 
         def gather(j: int) -> comm.Pending:
             start, stop = steps[j]
-            return comm.all_gather(query[:, :, start:stop], plan.group)
+            return comm.all_gather(query[:, :, start:stop], plan.group, "mqsp_attention: the query all-gather")
 
         def compute(j: int, gathered_query: Tensor) -> comm.Pending:
             start, stop = steps[j]
-            part_out, part_lse = plan.backend.forward(gathered_query, key, value, plan.mask(start, stop, key_padding_mask), plan.scale)
-            # Pack (out | lse) rank-major in one strided copy: the all-to-all then sends it as it is.
-            packed = part_out.new_empty((plan.world_size, b, h, stop - start, d + 1))
-            packed_rows = packed.movedim(0, 2)  # [B, H, P, c, D+1], a view
-            packed_rows[..., :d] = part_out.view(b, h, plan.world_size, stop - start, d)
-            packed_rows[..., d] = part_lse.view(b, h, plan.world_size, stop - start)
-            return comm.all_to_all(packed, plan.group)
+            part = plan.backend.forward(gathered_query, key, value, masks.visibility(plan, start, stop), plan.scale)
+            # Pack (out | row_max | row_log_sum) rank-major in one strided copy: the all-to-all sends it as it is.
+            packed = part.out.new_empty((plan.world_size, b, h, stop - start, d + 2))
+            packed_rows = packed.movedim(0, 2)  # [B, H, P, c, D+2], a view
+            packed_rows[..., :d] = part.out.view(b, h, plan.world_size, stop - start, d)
+            packed_rows[..., d] = part.row_max.view(b, h, plan.world_size, stop - start)
+            packed_rows[..., d + 1] = part.row_log_sum.view(b, h, plan.world_size, stop - start)
+            return comm.all_to_all(packed, plan.group, "mqsp_attention: the return of partial outputs")
 
         def finish(j: int, returned: Tensor) -> None:
             start, stop = steps[j]
-            out[:, :, start:stop], lse[:, :, start:stop] = _merge_partials(returned)
+            merged = merge.merge(returned[..., :d], returned[..., d], returned[..., d + 1])
+            out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = merged
 
         _run_micro_steps(len(steps), gather, lambda pending: _ranks_to_rows(pending.wait()), compute, finish)
-        ctx.plan = plan
-        ctx.save_for_backward(query, key, value, out, lse, key_padding_mask)
+        ctx.plan, ctx.masks = plan, masks
+        ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+    @_not_twice_differentiable
+    @_without_autocast
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         plan: _Plan = ctx.plan
-        query, key, value, out, lse, key_padding_mask = ctx.saved_tensors
+        masks: _Masks = ctx.masks
+        query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
         d = query.size(-1)
-        grad_query = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        grad_kv: list[Tensor] = []  # [dK, dV] accumulators: the first step's gradients, added into
+        dtype = accumulation_dtype(query.dtype)
+        grad_query = torch.empty(query.shape, dtype=dtype, device=query.device)
+        grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
+        grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
         steps = plan.steps()
 
         def gather(j: int) -> tuple[comm.Pending, comm.Pending]:
             start, stop = steps[j]
             # Query rows and their output gradients travel in the input dtype, row statistics in float32.
             step_grad_out = grad_out[:, :, start:stop]
-            delta = (step_grad_out.float() * out[:, :, start:stop].float()).sum(dim=-1)
+            delta = (step_grad_out.to(dtype) * out[:, :, start:stop].to(dtype)).sum(dim=-1)
             rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype)], dim=-1)
-            stats = torch.stack([lse[:, :, start:stop], delta], dim=-1)
-            return comm.all_gather(rows, plan.group), comm.all_gather(stats, plan.group)
+            stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
+            return (comm.all_gather(rows, plan.group, "mqsp_attention: the backward all-gather of queries and output gradients"),
+                    comm.all_gather(stats, plan.group, "mqsp_attention: the backward all-gather of row statistics"))
 
-        def unpack(pending: tuple[comm.Pending, comm.Pending]) -> tuple[Tensor, Tensor, Tensor]:
-            rows = pending[0].wait()
-            # Straight into contiguous [B, H, P*c, D] tensors: one copy, none in the kernel.
-            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:]), _ranks_to_rows(pending[1].wait())
+        def unpack(pending: tuple[comm.Pending, comm.Pending]) -> tuple[Tensor, ...]:
+            rows, stats = pending[0].wait(), _ranks_to_rows(pending[1].wait())
+            # Straight into contiguous [B, H, P*c, ...] tensors: one copy, none in the kernel.
+            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:]), stats[..., 0], stats[..., 1], stats[..., 2]
 
-        def compute(j: int, inputs: tuple[Tensor, Tensor, Tensor]) -> comm.Pending:
+        def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             start, stop = steps[j]
-            step_query, step_grad_out, stats = inputs
-            part_grad_query, *part_grad_kv = plan.backend.backward(
-                step_query, key, value, step_grad_out, stats[..., 0], stats[..., 1],
-                plan.mask(start, stop, key_padding_mask), plan.scale,
+            step_query, step_grad_out, step_max, step_log_sum, step_delta = inputs
+            part_grad_query = plan.backend.backward(
+                step_query, key, value, step_grad_out, step_max.contiguous(), step_log_sum.contiguous(), step_delta.contiguous(),
+                masks.visibility(plan, start, stop), plan.scale, grad_key, grad_value,
             )
-            if grad_kv:
-                for total, part in zip(grad_kv, part_grad_kv):
-                    total.add_(part)
-            else:  # no zero-filled accumulators
-                grad_kv.extend(part_grad_kv)
-            return comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group)
+            return comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group,
+                                       "mqsp_attention: the reduce-scatter of query gradients")
 
         def finish(j: int, returned: Tensor) -> None:
             start, stop = steps[j]
             grad_query[:, :, start:stop] = returned
 
         _run_micro_steps(len(steps), gather, unpack, compute, finish)
-        grad_key, grad_value = grad_kv
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+def _follow_autocast(*tensors: Any) -> tuple[Any, ...]:
+    """Cast the inputs to the autocast dtype when autocast is on, as ``scaled_dot_product_attention`` does
+    (Hugging Face RoPE models hand over float32 queries and keys with bfloat16 values)."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in castable else t for t in tensors)
 
 
 def mqsp_attention(
@@ -234,6 +334,9 @@ def mqsp_attention(
     group: ProcessGroup | None = None,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    document_ids: Tensor | None = None,
+    softcap: float | None = None,
     layout: Layout = "contiguous",
     scale: float | None = None,
     dropout_p: float = 0.0,
@@ -250,47 +353,85 @@ def mqsp_attention(
             rank (or no initialised process group) runs plain local attention.
         key_padding_mask: this rank's [B, S_local] bool mask, True = attend. Stays local.
         causal: mask keys after each query, by global position.
+        window: ``(left, right)``: a query at global position q sees keys in [q - left, q + right]
+            (None: unbounded on that side); with ``causal`` the right side is 0. A causal sliding
+            window of w keys (Mistral, Qwen2, Gemma) is ``window=(w - 1, None), causal=True``.
+        document_ids: this rank's [B, S_local] integer ids of packed documents, which must not
+            decrease along the full sequence; no query sees a key of another document.
+        softcap: scores become ``softcap * tanh(score / softcap)`` (Gemma2).
         layout: how the full sequence was split: ``"contiguous"`` or ``"zigzag"``
             (see :mod:`lightning_mqsp.layout`; shard inputs with ``shard_sequence``).
         scale: score scale, default 1/sqrt(D).
         dropout_p: dropout on the attention probabilities; the mask is a hash of
             (seed, batch, head, positions), so forward and recompute agree and the result does
-            not depend on ``micro_q_size``. The seed comes from torch's generator on the group's
-            first rank.
+            not depend on ``micro_q_size``. The seed is drawn from the query device's generator
+            on the group's first rank.
         micro_q_size: local query rows per micro-step; None picks
             ``ceil(1024 / P)`` (capped at S_local), see :func:`auto_micro_q_size`.
         backend: local compute: ``"auto"``, ``"cpu_flash"``, ``"reference"`` or ``"triton"``.
+
+    Under autocast the inputs are cast to the autocast dtype first, as
+    ``scaled_dot_product_attention`` does.
 
     Returns:
         [B, H, S_local, D] in the query's dtype: this rank's rows of the attention output.
 
     Raises:
         ValueError: on bad input, on every rank of the group at once (no rank is left waiting).
+        lightning_mqsp.comm.CollectiveError: when a collective of the group fails (a rank died,
+            raised, or never came before the group's timeout), naming the failed rank when known.
     """
-    check_group_membership(group)
-    if backend not in available_backends():
-        raise ValueError(f"Unknown attention backend {backend!r}; choose one of {available_backends()}.")
-    error = local_input_error(query, key, value, key_padding_mask, layout, scale, dropout_p, micro_q_size)
+    membership_error = group_membership_error(group)
+    if membership_error is not None:
+        raise ValueError(f"mqsp_attention: {membership_error}")
+    query, key, value = _follow_autocast(query, key, value)
     world_size = comm.group_size(group)
-    seed = draw_seed() if dropout_p > 0 else 0
+    error = local_input_error(
+        query, key, value, key_padding_mask=key_padding_mask, document_ids=document_ids, causal=causal, window=window,
+        softcap=softcap, layout=layout, scale=scale, dropout_p=dropout_p, micro_q_size=micro_q_size, backend=backend,
+    )
+    plan = masks = signature = None
+    if error is None:
+        rank = dist.get_rank(group) if world_size > 1 else 0
+        local_length = query.size(2)
+        masks = _Masks(
+            positions=all_positions(local_length, world_size, layout, query.device),
+            key_padding_mask=key_padding_mask, documents=document_ids, dropout_seed=None,
+        )
+        resolved_window = Window.of(causal, window)
+        try:
+            chosen = resolve_backend(backend, query, Visibility(
+                masks.positions[rank], masks.positions[rank], (), (), window=resolved_window,
+                softcap=softcap, dropout_p=dropout_p,
+            ))
+        except ValueError as unsupported:
+            error = str(unsupported)
+        else:
+            plan = _Plan(
+                group=group, world_size=world_size, rank=rank, backend=chosen, layout=layout, local_length=local_length,
+                micro_q_size=micro_q_size or auto_micro_q_size(local_length, world_size), window=resolved_window,
+                softcap=None if softcap is None else float(softcap), scale=float(scale) if scale is not None else query.size(-1) ** -0.5,
+                dropout_p=float(dropout_p),
+            )
+            signature = Signature.of(
+                query, key, layout=layout, window=(resolved_window.left, resolved_window.right),
+                has_key_padding_mask=key_padding_mask is not None, has_document_ids=document_ids is not None,
+                micro_q_size=plan.micro_q_size, backend=chosen.name, scale=plan.scale, softcap=plan.softcap,
+                dropout_p=plan.dropout_p,
+                needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
+            )
     if world_size > 1:
-        seed = synchronized_metadata(group, error, query, key, causal, layout, key_padding_mask is not None, micro_q_size, dropout_p, scale, seed)
+        check_across_ranks(group, error, signature)
     elif error is not None:
         raise ValueError(f"mqsp_attention: {error}")
-    rank = dist.get_rank(group) if world_size > 1 else 0
-    local_length = query.size(2)
-    positions = torch.stack([global_positions(local_length, r, world_size, layout, query.device) for r in range(world_size)])
-    own_rows = AttentionMask(positions[rank], positions[rank], causal, key_padding_mask, dropout_p, seed)
-    plan = _Plan(
-        group=group,
-        world_size=world_size,
-        rank=rank,
-        backend=resolve_backend(backend, query, own_rows),
-        positions=positions,
-        micro_q_size=micro_q_size or auto_micro_q_size(local_length, world_size),
-        causal=causal,
-        scale=scale if scale is not None else query.size(-1) ** -0.5,
-        dropout_p=dropout_p,
-        dropout_seed=seed,
-    )
-    return _MQSPAttention.apply(query, key, value, key_padding_mask, plan)
+    assert plan is not None and masks is not None
+    if document_ids is not None and world_size > 1:
+        masks = _Masks(masks.positions, key_padding_mask,
+                       comm.all_gather(document_ids, group, "mqsp_attention: the all-gather of document ids").wait(), None)
+    elif document_ids is not None:
+        masks = _Masks(masks.positions, key_padding_mask, document_ids.unsqueeze(0), None)
+    if dropout_p > 0:
+        seed = comm.all_gather(draw_seed(query.device), group, "mqsp_attention: the all-gather of the dropout seed").wait()[0]
+        masks = _Masks(masks.positions, masks.key_padding_mask, masks.documents, seed)
+    function = _LocalAttention if world_size == 1 else _MQSPAttention
+    return function.apply(query, key, value, masks, plan)

@@ -1,11 +1,17 @@
-"""The few collectives MQSP needs, as async calls with a uniform handle, and a byte counter.
+"""Every collective lightning-mqsp issues: async calls with a uniform handle, a byte counter, and
+failures that say what failed.
 
-Every helper takes and returns a leading rank dimension of size P so callers never reshape
-around the communication. On a group of one rank they return their input and issue nothing.
+The helpers take and return a leading rank dimension of size P so callers never reshape around
+the communication. On a group of one rank they return their input and issue nothing.
 
 ``CommCounter`` records, per collective, the bytes each rank *sends* under the usual
 algorithms (ring all-gather and reduce-scatter, pairwise all-to-all): (P-1) x its shard for an
 all-gather, (P-1)/P of the buffer for a reduce-scatter or an all-to-all.
+
+When a collective fails (a peer crashed, raised, or never came and the group's timeout
+expired) :class:`CollectiveError` names the collective and, when known, the rank that failed
+first: a rank that raises reports itself in the process group's store (:func:`report_failure`,
+called by :class:`~lightning_mqsp.MQSPStrategy` when a step raises) before its peers notice.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from torch import Tensor
 
 ProcessGroup = dist.ProcessGroup
 
+_FAILURE_KEY = "lightning_mqsp/failed_rank/{}"
+# torch 2.13 renamed the tensor collectives (the old names warn); torch 2.11 has only the old ones.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass
 class CommCounter:
@@ -28,10 +39,6 @@ class CommCounter:
 
     bytes_sent: Counter[str] = field(default_factory=Counter)
     calls: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_sent.values())
 
     def record(self, name: str, nbytes: float) -> None:
         self.bytes_sent[name] += int(nbytes)
@@ -43,7 +50,7 @@ _active_counters: list[CommCounter] = []
 
 @contextmanager
 def count_communication() -> Iterator[CommCounter]:
-    """Count the bytes MQSP's collectives send from this rank inside the ``with`` block."""
+    """Count the bytes lightning-mqsp's collectives send from this rank inside the ``with`` block."""
     counter = CommCounter()
     _active_counters.append(counter)
     try:
@@ -58,18 +65,75 @@ def record_bytes_sent(name: str, nbytes: float) -> None:
         counter.record(name, nbytes)
 
 
+class CollectiveError(RuntimeError):
+    """A collective over a sequence-parallel group failed on this rank."""
+
+
+def report_failure(error: BaseException) -> None:
+    """Tell the other ranks, through the default process group's store, that this rank failed and why.
+
+    Called before this rank gives up, so that a peer whose collective then fails can name it."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        store.set(_FAILURE_KEY.format(dist.get_rank()), f"{type(error).__name__}: {error}"[:300])
+    except Exception:  # noqa: BLE001 - the store may be gone already; the peers then name no rank
+        pass
+
+
+def _store() -> dist.Store | None:
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a process group without a store (fake groups in estimates)
+        return None
+
+
+def _reported_failures(group: ProcessGroup | None) -> list[str]:
+    store = _store()
+    if store is None:
+        return []
+    found = []
+    for rank in dist.get_process_group_ranks(group or dist.group.WORLD):
+        key = _FAILURE_KEY.format(rank)
+        try:
+            if store.check([key]):
+                found.append(f"rank {rank} failed first: {store.get(key).decode()}")
+        except Exception:  # noqa: BLE001 - an unreachable store: name no rank
+            break
+    return found
+
+
+def describe_failure(what: str, group: ProcessGroup | None, error: BaseException) -> str:
+    """The message of a failed collective: what it was, who failed (when known), and what to check."""
+    reported = _reported_failures(group)
+    cause = "; ".join(reported) if reported else (
+        "a rank of the group crashed, raised, or did not reach this collective before the group's timeout "
+        "(different numbers of attention calls on the ranks of a group also end here)"
+    )
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    return f"{what} over the sequence-parallel group (global ranks {ranks}) failed: {cause}. The collective said: {error}"
+
+
 class Pending:
     """The result of an async collective; ``wait()`` returns it once it has arrived."""
 
-    def __init__(self, result: Tensor, work: dist.Work | None) -> None:
+    def __init__(self, result: Tensor, work: dist.Work | None, what: str = "", group: ProcessGroup | None = None) -> None:
         self._result: Tensor | None = result
         self._work = work
+        self._what = what
+        self._group = group
 
     def wait(self) -> Tensor:
         """The result, once; the handle lets go of it so that the caller alone decides its lifetime."""
         if self._work is not None:
-            self._work.wait()
-            self._work = None
+            work, self._work = self._work, None
+            try:
+                work.wait()
+            except Exception as error:  # noqa: BLE001 - re-raised with what failed and who
+                raise CollectiveError(describe_failure(self._what, self._group, error)) from error
         result, self._result = self._result, None
         if result is None:
             raise RuntimeError("Pending.wait() was already called: the result was handed over then.")
@@ -80,7 +144,14 @@ def group_size(group: ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def all_gather(x: Tensor, group: ProcessGroup | None) -> Pending:
+def _issue(what: str, group: ProcessGroup | None, start) -> dist.Work:
+    try:
+        return start()
+    except Exception as error:  # noqa: BLE001 - gloo may fail while posting, not only while waiting
+        raise CollectiveError(describe_failure(what, group, error)) from error
+
+
+def all_gather(x: Tensor, group: ProcessGroup | None, what: str = "all-gather") -> Pending:
     """[...] on every rank -> [P, ...] (rank order), asynchronously."""
     size = group_size(group)
     if size == 1:
@@ -88,10 +159,11 @@ def all_gather(x: Tensor, group: ProcessGroup | None) -> Pending:
     x = x.contiguous().unsqueeze(0)
     out = x.new_empty((size, *x.shape[1:]))
     record_bytes_sent("all_gather", (size - 1) * x.numel() * x.element_size())
-    return Pending(out, dist.all_gather_single(out, x, group=group, async_op=True))
+    work = _issue(what, group, lambda: _all_gather_tensor(out, x, group=group, async_op=True))
+    return Pending(out, work, what, group)
 
 
-def all_to_all(x: Tensor, group: ProcessGroup | None) -> Pending:
+def all_to_all(x: Tensor, group: ProcessGroup | None, what: str = "all-to-all") -> Pending:
     """[P, ...] with slice s meant for rank s -> [P, ...] with slice s received from rank s."""
     size = group_size(group)
     if size == 1:
@@ -99,10 +171,11 @@ def all_to_all(x: Tensor, group: ProcessGroup | None) -> Pending:
     x = x.contiguous()
     out = torch.empty_like(x)
     record_bytes_sent("all_to_all", (size - 1) / size * x.numel() * x.element_size())
-    return Pending(out, dist.all_to_all_single(out, x, group=group, async_op=True))
+    work = _issue(what, group, lambda: dist.all_to_all_single(out, x, group=group, async_op=True))
+    return Pending(out, work, what, group)
 
 
-def reduce_scatter(x: Tensor, group: ProcessGroup | None) -> Pending:
+def reduce_scatter(x: Tensor, group: ProcessGroup | None, what: str = "reduce-scatter") -> Pending:
     """[P, ...] -> [...]: the sum over ranks of slice ``rank``, asynchronously."""
     size = group_size(group)
     if size == 1:
@@ -110,4 +183,35 @@ def reduce_scatter(x: Tensor, group: ProcessGroup | None) -> Pending:
     x = x.contiguous()
     out = x.new_empty((1, *x.shape[1:]))
     record_bytes_sent("reduce_scatter", (size - 1) / size * x.numel() * x.element_size())
-    return Pending(out[0], dist.reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group, async_op=True))
+    work = _issue(what, group, lambda: _reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group, async_op=True))
+    return Pending(out[0], work, what, group)
+
+
+def all_reduce(x: Tensor, group: ProcessGroup | None, what: str = "all-reduce") -> Tensor:
+    """The sum of ``x`` over ``group`` (a new tensor; ``x`` is left as it is)."""
+    size = group_size(group)
+    summed = x.clone()
+    if size == 1:
+        return summed
+    record_bytes_sent("all_reduce", 2 * (size - 1) / size * x.numel() * x.element_size())
+    work = _issue(what, group, lambda: dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group, async_op=True))
+    return Pending(summed, work, what, group).wait()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients (the adjoint when every rank
+    uses the sum). Written here because torch.distributed.nn's version misbehaves on subgroups."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup | None, what: str) -> Tensor:  # type: ignore[override]
+        ctx.group, ctx.what = group, what
+        return all_reduce(x, group, what)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return all_reduce(grad, ctx.group, f"{ctx.what} (backward)"), None, None
+
+
+def differentiable_all_reduce(x: Tensor, group: ProcessGroup | None, what: str = "all-reduce") -> Tensor:
+    """Differentiable sum of ``x`` over ``group``."""
+    return _AllReduceSum.apply(x, group, what)

@@ -29,9 +29,13 @@ def _fmix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A fresh dropout seed from torch's default CPU generator, so ``torch.manual_seed`` governs it."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+def draw_seed(device: torch.device | str = "cpu") -> Tensor:
+    """A fresh dropout seed: an int64 tensor of one element drawn from ``device``'s default generator.
+
+    It stays on the device (no host read), ``torch.manual_seed`` governs it, and activation
+    checkpointing, which restores the generators' state before recomputing, draws it again equal.
+    """
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
 def keep_threshold(dropout_p: float) -> int:
@@ -40,7 +44,7 @@ def keep_threshold(dropout_p: float) -> int:
 
 
 def keep_mask(
-    seed: int,
+    seed: int | Tensor,
     num_heads: int,
     batch_size: int,
     query_positions: Tensor,

@@ -17,6 +17,9 @@ from torch import Tensor
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
+#: A run of consecutive global positions: (first index, stop index, global position of the first index).
+Run = tuple[int, int, int]
+
 
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
@@ -56,6 +59,39 @@ def global_positions(local_length: int, rank: int, world_size: int, layout: str,
     return torch.cat(
         [torch.arange(c * chunk, (c + 1) * chunk, device=device, dtype=torch.int64) for c in chunk_ids(rank, world_size, layout)]
     )
+
+
+def all_positions(local_length: int, world_size: int, layout: str, device: torch.device | str = "cpu") -> Tensor:
+    """[P, l] int64: ``global_positions`` of every rank, in a few tensor ops (no host read, no loop over ranks)."""
+    per_rank = chunks_per_rank(layout)
+    chunk = local_length // per_rank
+    rank = torch.arange(world_size, device=device, dtype=torch.int64).view(-1, 1)
+    index = torch.arange(local_length, device=device, dtype=torch.int64).view(1, -1)
+    if layout == "contiguous":
+        return rank * local_length + index
+    second = index >= chunk  # zigzag: chunk r, then chunk 2P-1-r
+    chunk_id = torch.where(second, 2 * world_size - 1 - rank, rank)
+    return chunk_id * chunk + index - second * chunk
+
+
+def position_runs(local_length: int, rank: int, world_size: int, layout: str) -> tuple[Run, ...]:
+    """The runs of consecutive positions ``rank`` holds, known on the host (no tensor is read).
+
+    One run in the contiguous layout, two in the zigzag layout; each rank's positions ascend.
+    """
+    per_rank = chunks_per_rank(layout)
+    chunk = local_length // per_rank
+    return tuple((i * chunk, (i + 1) * chunk, c * chunk) for i, c in enumerate(chunk_ids(rank, world_size, layout)))
+
+
+def slice_runs(runs: tuple[Run, ...], start: int, stop: int, offset: int = 0) -> tuple[Run, ...]:
+    """The runs of indices [start, stop) of ``runs``, re-indexed to begin at ``offset``."""
+    sliced = []
+    for first, last, position in runs:
+        lo, hi = max(first, start), min(last, stop)
+        if lo < hi:
+            sliced.append((lo - start + offset, hi - start + offset, position + lo - first))
+    return tuple(sliced)
 
 
 def shard_sequence(x: Tensor, dim: int, rank: int, world_size: int, layout: Layout = "contiguous") -> Tensor:

@@ -6,7 +6,7 @@ tokens over the sequence-parallel group and divides, so **every rank of the grou
 same full-sequence loss**. The sum is an all-reduce whose backward is again an all-reduce (sum):
 each rank then back-propagates P times its share, and since DDP averages gradients over all
 dp x sp ranks, the averaged gradient is exactly the data-parallel mean of the full-sequence
-gradients (DESIGN.md section 4).
+gradients (``docs/design.md``, "Loss").
 
 Outside a sequence-parallel context (one process, plain DDP) the helpers are the ordinary
 mean over valid tokens, so one LightningModule runs unchanged under every strategy.
@@ -21,37 +21,13 @@ labels itself only when no strategy did, so one LightningModule is right under e
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_mqsp import comm
 from lightning_mqsp.adapters import active_context
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.sharding import IGNORE_INDEX, shift_left
-
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients (the adjoint when every
-    rank uses the sum). Written here because torch.distributed.nn's version misbehaves on subgroups."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup | None) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        summed = x.clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-        return summed
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        summed = grad.clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
-        return summed, None
-
-
-def all_reduce_sum(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """Differentiable sum of ``x`` over ``group``."""
-    return _AllReduceSum.apply(x, group)
 
 
 def _sequence_group(group: ProcessGroup | None) -> tuple[bool, ProcessGroup | None]:
@@ -79,9 +55,8 @@ def sequence_parallel_loss(token_losses: Tensor, valid: Tensor, group: ProcessGr
     count = valid.sum().to(total.dtype)
     reduce, group = _sequence_group(group)
     if reduce:
-        total = all_reduce_sum(total, group)
-        count = count.detach().clone()
-        dist.all_reduce(count, group=group)
+        total = comm.differentiable_all_reduce(total, group, "the sequence-parallel loss's sum")
+        count = comm.all_reduce(count.detach(), group, "the sequence-parallel loss's token count")
     return total / count.clamp(min=1)
 
 

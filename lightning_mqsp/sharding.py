@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
-
+from lightning_mqsp import comm
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layout import Layout, chunks_per_rank, shard_sequence, unshard_sequence
 
@@ -153,11 +151,9 @@ def _pad(x: Tensor, dim: int, amount: int, value: float) -> Tensor:
 
 def _rebuild_mapping(original: Mapping[str, Any], items: dict[str, Any]) -> Any:
     """A mapping of the original's type (e.g. BatchEncoding) holding ``items``."""
-    try:
-        from transformers import BatchEncoding
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        BatchEncoding = None  # type: ignore[assignment,misc]
-    if BatchEncoding is not None and isinstance(original, BatchEncoding):
+    from transformers import BatchEncoding
+
+    if isinstance(original, BatchEncoding):
         return BatchEncoding(items, tensor_type=None)
     return type(original)(items)
 
@@ -168,13 +164,10 @@ def _is_namedtuple(x: Any) -> bool:
 
 def gather_sequence(x: Tensor, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1) -> Tensor:
     """The full-length tensor from every rank's shard ``x`` (not differentiable), trimmed to ``full_length``."""
-    world_size = dist.get_world_size(group) if dist.is_initialized() else 1
-    if world_size == 1:
+    if comm.group_size(group) == 1:
         full = x
     else:
-        shards = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(shards, x.contiguous(), group=group)
-        full = unshard_sequence(shards, dim, layout)
+        full = unshard_sequence(list(comm.all_gather(x, group, "gathering predictions").wait().unbind(0)), dim, layout)
     return full if full_length is None else full.narrow(dim, 0, full_length)
 
 
@@ -193,8 +186,6 @@ def gather_outputs(outputs: Any, local_length: int, group: ProcessGroup | None, 
 
 
 def _is_model_output(x: Any) -> bool:
-    try:
-        from transformers.utils import ModelOutput
-    except ImportError:  # pragma: no cover
-        return False
+    from transformers.utils import ModelOutput
+
     return isinstance(x, ModelOutput)

@@ -1,17 +1,19 @@
 """``MQSPStrategy``: DDP across sequence-parallel groups, each of which splits every sequence.
 
-The world of ``dp x sp`` processes is a device mesh ``("data_parallel", "sequence_parallel")``;
-the ``sp`` ranks of a group are consecutive (one node by default, where the links are fast).
-All ranks of a group load the same samples (the sampler is keyed by the data-parallel rank),
-each keeps its shard of every sequence (:mod:`lightning_mqsp.sharding`), and attention is
-computed exactly over the whole sequence by :func:`~lightning_mqsp.mqsp_attention`
-(:mod:`lightning_mqsp.adapters`). Parameters stay replicated and DDP averages gradients over
-the whole world; with the full-sequence loss of :mod:`lightning_mqsp.loss` on every rank, that
-average is the exact data-parallel gradient, and checkpoints are ordinary DDP checkpoints.
+The world of ``dp x sp`` processes is a device mesh ``("data_parallel", "sequence_parallel")``
+(:mod:`lightning_mqsp.mesh`); the ``sp`` ranks of a group are consecutive (one node by default,
+where the links are fast). All ranks of a group load the same samples (the sampler is keyed by
+the data-parallel rank), each keeps its shard of every sequence (:mod:`lightning_mqsp.sharding`),
+and attention is computed exactly over the whole sequence by
+:func:`~lightning_mqsp.mqsp_attention` (:mod:`lightning_mqsp.adapters`). Parameters stay
+replicated and DDP averages gradients over the whole world; with the full-sequence loss of
+:mod:`lightning_mqsp.loss` on every rank, that average is the exact data-parallel gradient, and
+checkpoints are ordinary DDP checkpoints.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,15 +21,18 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mqsp.adapters import AttentionAudit, SequenceParallelContext, activate, reject_unroutable_modules
-from lightning_mqsp.adapters import huggingface
+from lightning_mqsp import comm
+from lightning_mqsp.adapters import AttentionAudit, SequenceParallelContext, activate, huggingface, reject_unroutable_modules
 from lightning_mqsp.adapters.sdpa import RouteScaledDotProductAttention
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layout import Layout, check_layout
+from lightning_mqsp.mesh import DEFAULT_SEQUENCE_PARALLEL_TIMEOUT, check_sizes, sequence_parallel_mesh
 from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS, BatchSharder, gather_outputs
 
 _CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -50,6 +55,9 @@ class MQSPStrategy(DDPStrategy):
             a Hugging Face ``*ForCausalLM``/``*LMHeadModel``.
         allow_sequence_pooling: accept a model that pools over the sequence (you gather the pooled
             token over the group yourself).
+        sequence_parallel_timeout: seconds (or a ``timedelta``) a collective of a sequence-parallel
+            group waits for a missing rank before every waiting rank fails with an error that names
+            the attention call (default 600). The data-parallel gradient reduction keeps DDP's ``timeout``.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -65,28 +73,44 @@ class MQSPStrategy(DDPStrategy):
         pad_token_id: int | None = None,
         shift_labels: bool | None = None,
         allow_sequence_pooling: bool = False,
+        sequence_parallel_timeout: float | datetime.timedelta = DEFAULT_SEQUENCE_PARALLEL_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         check_layout(layout)
         if sequence_parallel_size is not None and sequence_parallel_size < 1:
             raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size}.")
+        if not isinstance(sequence_parallel_timeout, datetime.timedelta):
+            sequence_parallel_timeout = datetime.timedelta(seconds=sequence_parallel_timeout)
+        if sequence_parallel_timeout.total_seconds() <= 0:
+            raise ValueError(f"sequence_parallel_timeout must be positive, got {sequence_parallel_timeout}.")
         self._sequence_parallel_size = sequence_parallel_size
-        self.micro_q_size = micro_q_size
-        self.attention_backend = attention_backend
-        self.layout: Layout = layout
+        self.sequence_parallel_timeout = sequence_parallel_timeout
+        #: The one object that carries the sequence-parallel settings to every attention call.
+        self.sequence_parallel = SequenceParallelContext(layout=layout, micro_q_size=micro_q_size, backend=attention_backend)
         self.sequence_keys = tuple(sequence_keys)
         self.pad_token_id = pad_token_id
         self.shift_labels = shift_labels
         self.allow_sequence_pooling = allow_sequence_pooling
         self._device_mesh: DeviceMesh | None = None
-        self._context: SequenceParallelContext | None = None
         self._sharder: BatchSharder | None = None
         self._undo_model_patches: list[Callable[[], None]] = []
         self._audit: AttentionAudit | None = None
         self._audited_steps: set[str] = set()
 
     # -- sizes and the mesh ---------------------------------------------------------------
+
+    @property
+    def layout(self) -> Layout:
+        return self.sequence_parallel.layout
+
+    @property
+    def micro_q_size(self) -> int | None:
+        return self.sequence_parallel.micro_q_size
+
+    @property
+    def attention_backend(self) -> str:
+        return self.sequence_parallel.backend
 
     @property
     def sequence_parallel_size(self) -> int:
@@ -114,33 +138,21 @@ class MQSPStrategy(DDPStrategy):
     def data_parallel_rank(self) -> int:
         return self.device_mesh["data_parallel"].get_local_rank()
 
-    def _check_sizes(self, world_size: int) -> None:
-        sp = self.sequence_parallel_size
-        if sp > world_size:
-            raise ValueError(
-                f"MQSPStrategy(sequence_parallel_size={sp}) is larger than the world of {world_size} processes "
-                f"(devices x num_nodes): lower sequence_parallel_size to at most {world_size}, or use more devices."
-            )
-        if world_size % sp != 0:
-            raise ValueError(
-                f"The world size {world_size} (devices x num_nodes) is not divisible by sequence_parallel_size={sp}: "
-                f"choose a sequence_parallel_size that divides {world_size}, or a number of devices that is a multiple of {sp}."
-            )
-
     @override
     def _configure_launcher(self) -> None:
         # Called in the launching process when the Trainer is built: fail before any process starts.
-        self._check_sizes(self.num_nodes * self.num_processes)
+        check_sizes(self.num_nodes * self.num_processes, self.sequence_parallel_size)
         super()._configure_launcher()
 
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self._check_sizes(self.world_size)
-        self._device_mesh = init_device_mesh(
-            self.root_device.type, (self.data_parallel_size, self.sequence_parallel_size),
-            mesh_dim_names=("data_parallel", "sequence_parallel"),
+        self._device_mesh = sequence_parallel_mesh(self.root_device.type, self.sequence_parallel_size, self.sequence_parallel_timeout)
+        context = self.sequence_parallel
+        context.group, context.rank, context.world_size = (
+            self.sequence_parallel_group, self.sequence_parallel_rank, self.sequence_parallel_size,
         )
+        rank_zero_debug(f"MQSPStrategy: device mesh {self._device_mesh}, sequence-parallel timeout {self.sequence_parallel_timeout}.")
         # The LightningModule sees it as `self.device_mesh`, as under ModelParallelStrategy.
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
@@ -167,10 +179,7 @@ class MQSPStrategy(DDPStrategy):
         shift_labels = self.shift_labels
         if shift_labels is None:
             shift_labels = any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in hf_models)
-        self._context = SequenceParallelContext(
-            group=self.sequence_parallel_group, rank=self.sequence_parallel_rank, world_size=self.sequence_parallel_size,
-            layout=self.layout, micro_q_size=self.micro_q_size, backend=self.attention_backend, labels_shifted=shift_labels,
-        )
+        self.sequence_parallel.labels_shifted = shift_labels
         pad_token_id = self.pad_token_id
         if pad_token_id is None:
             pad_token_id = next((m.config.pad_token_id for m in hf_models if m.config.pad_token_id is not None), 0)
@@ -192,6 +201,12 @@ class MQSPStrategy(DDPStrategy):
         self._undo_model_patches = []
         super().teardown()
 
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # Peers blocked in a collective with this rank fail when it exits; this lets them name it and why.
+        comm.report_failure(exception)
+        super().on_exception(exception)
+
     # -- batches and steps -----------------------------------------------------------------
 
     @override
@@ -201,14 +216,20 @@ class MQSPStrategy(DDPStrategy):
         return self._sharder.shard(batch)
 
     @contextmanager
+    def _routing(self) -> Iterator[None]:
+        """Attention calls go through MQSP: in steps, and in backward, where activation checkpointing recomputes them."""
+        with activate(self.sequence_parallel), RouteScaledDotProductAttention(self.sequence_parallel):
+            yield
+
+    @contextmanager
     def _sequence_parallel_step(self, step_name: str) -> Iterator[None]:
         """Route attention for the step; on the first step of each kind, audit that it was routed."""
-        assert self._context is not None and self._audit is not None
-        with activate(self._context), RouteScaledDotProductAttention(self._context):
+        assert self._audit is not None
+        with self._routing():
             if step_name in self._audited_steps:
                 yield
                 return
-            with self._audit.audit(self._context, step_name):
+            with self._audit.audit(self.sequence_parallel, step_name):
                 yield
             self._audited_steps.add(step_name)
 
@@ -216,6 +237,11 @@ class MQSPStrategy(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._sequence_parallel_step("training_step"):
             return super().training_step(*args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        with self._routing():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:

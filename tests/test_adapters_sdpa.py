@@ -74,7 +74,7 @@ def test_sdpa_routed_exactly_over_two_ranks(workers, causal: bool, layout: str) 
 
 def test_square_mask_cannot_be_split() -> None:
     q = torch.randn(1, 2, 4, 8)
-    with RouteScaledDotProductAttention(SequenceParallelContext(None, 0, 1, "zigzag")), pytest.raises(ValueError, match="key-padding mask"):
+    with RouteScaledDotProductAttention(SequenceParallelContext(layout="zigzag")), pytest.raises(ValueError, match="key-padding mask"):
         F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool))
 
 
@@ -82,7 +82,7 @@ def test_additive_key_mask_is_accepted() -> None:
     q = torch.randn(1, 2, 4, 8)
     additive = torch.tensor([0.0, 0.0, float("-inf"), 0.0]).view(1, 1, 1, 4)
     expected = F.scaled_dot_product_attention(q, q, q, attn_mask=additive)
-    with RouteScaledDotProductAttention(SequenceParallelContext(None, 0, 1, "zigzag")):
+    with RouteScaledDotProductAttention(SequenceParallelContext(layout="zigzag")):
         actual = F.scaled_dot_product_attention(q, q, q, attn_mask=additive)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
@@ -99,7 +99,7 @@ def _wrap(layer: nn.Module) -> nn.Module:
 
 
 def run_audited(model: nn.Module) -> SequenceParallelContext:
-    context = SequenceParallelContext(None, 0, 1, "zigzag")
+    context = SequenceParallelContext(layout="zigzag")
     with activate(context), RouteScaledDotProductAttention(context), AttentionAudit(model).audit(context, "training_step"):
         model(torch.randn(1, 8, 16))
     return context

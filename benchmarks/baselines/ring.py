@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_mqsp.backends.cpu_flash import merge_into
+from lightning_mqsp.merge import Partial, empty_partial, log_sum_exp, merge_into
 
 from .common import (
     Method, ProcessGroup, Shape, default_scale, flash_backward, flash_forward, inputs_and_grads_bytes,
@@ -28,12 +28,13 @@ SHARD_BUFFERS_AT_PEAK = 12
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, scale: float) -> Tensor:  # type: ignore[override]
-        out = torch.zeros_like(q, dtype=torch.float32)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        merged = empty_partial(q.shape, torch.float32, q.device)
         for _, kv in ring_blocks(torch.stack([k, v]), group):
-            merge_into(out, lse, *flash_forward(q, kv[0], kv[1], scale))
+            out, lse = flash_forward(q, kv[0], kv[1], scale)
+            merge_into(merged, Partial(out, lse, torch.zeros_like(lse)))
+        lse = log_sum_exp(merged.row_max, merged.row_log_sum)
         ctx.group, ctx.scale = group, scale
-        result = out.to(q.dtype)
+        result = merged.out.to(q.dtype)
         ctx.save_for_backward(q, k, v, result, lse)  # the kernel's backward takes out in the inputs' dtype
         return result
 

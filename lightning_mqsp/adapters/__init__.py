@@ -32,14 +32,18 @@ from lightning_mqsp.layout import Layout, global_positions
 
 @dataclass
 class SequenceParallelContext:
-    """What an attention call needs to know about the sequence-parallel group it runs in."""
+    """The sequence-parallel settings and state that travel from the strategy to every attention call.
 
-    group: ProcessGroup | None
-    rank: int
-    world_size: int
-    layout: Layout
+    The strategy builds it from its arguments (``layout``, ``micro_q_size``, ``backend``) and fills in
+    the group at setup; adapters read it, and nothing else carries these settings.
+    """
+
+    layout: Layout = "zigzag"
     micro_q_size: int | None = None
     backend: str = "auto"
+    group: ProcessGroup | None = None
+    rank: int = 0
+    world_size: int = 1
     #: Whether the strategy shifted causal-LM labels before sharding (read by ``causal_lm_cross_entropy``).
     labels_shifted: bool = False
     #: Attention calls routed through MQSP since activation; read by :class:`AttentionAudit`.
@@ -47,14 +51,15 @@ class SequenceParallelContext:
 
     def attention(
         self, query: Tensor, key: Tensor, value: Tensor, *, key_padding_mask: Tensor | None = None,
-        causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+        causal: bool = False, window: tuple[int | None, int | None] | None = None, document_ids: Tensor | None = None,
+        softcap: float | None = None, scale: float | None = None, dropout_p: float = 0.0,
     ) -> Tensor:
         """``mqsp_attention`` over this context's group, [B, H, S_local, D] in and out."""
         self.attention_calls += 1
         return mqsp_attention(
-            query, key, value, group=self.group, key_padding_mask=key_padding_mask, causal=causal,
-            layout=self.layout, scale=scale, dropout_p=dropout_p, micro_q_size=self.micro_q_size,
-            backend=self.backend,
+            query, key, value, group=self.group, key_padding_mask=key_padding_mask, causal=causal, window=window,
+            document_ids=document_ids, softcap=softcap, layout=self.layout, scale=scale, dropout_p=dropout_p,
+            micro_q_size=self.micro_q_size, backend=self.backend,
         )
 
     def positions(self, local_length: int, device: torch.device | str = "cpu") -> Tensor:
@@ -92,18 +97,20 @@ def activate(context: SequenceParallelContext) -> Iterator[SequenceParallelConte
 
 
 def sequence_parallel_attention(
-    query: Tensor, key: Tensor, value: Tensor, *, key_padding_mask: Tensor | None = None,
-    causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+    query: Tensor, key: Tensor, value: Tensor, *, key_padding_mask: Tensor | None = None, causal: bool = False,
+    window: tuple[int | None, int | None] | None = None, document_ids: Tensor | None = None, softcap: float | None = None,
+    scale: float | None = None, dropout_p: float = 0.0,
 ) -> Tensor:
     """Exact attention over the whole sequence from this rank's shard, for your own attention module.
 
     Call it in place of your softmax attention; query [B, H, S_local, D], key/value
-    [B, H_kv, S_local, D], ``key_padding_mask`` [B, S_local] bool (True = attend), as in
-    :func:`~lightning_mqsp.mqsp_attention`. Group, layout, micro-Q size and backend come from the
-    strategy. Pass ``dropout_p`` only in training mode.
+    [B, H_kv, S_local, D], ``key_padding_mask`` [B, S_local] bool (True = attend), ``window``,
+    ``document_ids`` and ``softcap`` as in :func:`~lightning_mqsp.mqsp_attention`. Group, layout,
+    micro-Q size and backend come from the strategy. Pass ``dropout_p`` only in training mode.
     """
     return require_context().attention(
-        query, key, value, key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p
+        query, key, value, key_padding_mask=key_padding_mask, causal=causal, window=window, document_ids=document_ids,
+        softcap=softcap, scale=scale, dropout_p=dropout_p,
     )
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_mqsp import comm
 from lightning_mqsp.adapters import SequenceParallelContext, require_context
 from lightning_mqsp.layout import shard_sequence, unshard_sequence
 
@@ -72,10 +72,8 @@ def register() -> None:
 
 def huggingface_models(model: nn.Module) -> list[nn.Module]:
     """The outermost Hugging Face ``PreTrainedModel`` submodules of ``model`` (itself included)."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return []
+    from transformers import PreTrainedModel
+
     found: list[nn.Module] = []
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and not any(module in outer.modules() for outer in found):
@@ -162,12 +160,8 @@ def _padding_aware_positions(input_ids: Tensor, padding_idx: int, context: Seque
     """RoBERTa's ``create_position_ids_from_input_ids`` over the whole sequence: the count of real tokens
     up to each one is a prefix sum across shards, so the (small) non-pad mask is all-gathered first."""
     real = input_ids.ne(padding_idx).int()
-    if context.world_size > 1:
-        shards = [torch.empty_like(real) for _ in range(context.world_size)]
-        dist.all_gather(shards, real.contiguous(), group=context.group)
-        full_real = unshard_sequence(shards, 1, context.layout)
-    else:
-        full_real = real
+    shards = comm.all_gather(real, context.group, "the all-gather of RoBERTa's padding mask").wait()
+    full_real = unshard_sequence(list(shards.unbind(0)), 1, context.layout)
     full_positions = (torch.cumsum(full_real, dim=1) * full_real).long() + padding_idx
     return shard_sequence(full_positions, 1, context.rank, context.world_size, context.layout)
 

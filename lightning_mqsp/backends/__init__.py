@@ -1,59 +1,53 @@
 """Local partial attention: the compute MQSP runs on each rank at every micro-step.
 
 A backend attends M gathered query rows to the N keys and values this rank holds and returns
-the *partial* result that the distributed softmax merges across ranks:
+the *partial* result that the distributed softmax merges across ranks (:mod:`lightning_mqsp.merge`):
 
-``forward(q, k, v, mask, scale) -> (out, lse)``
-    q [B, H, M, D], k and v [B, H_kv, N, D] (H % H_kv == 0). ``out`` [B, H, M, D] and
-    ``lse`` [B, H, M] are float32; a row with no visible key here has ``lse = -inf`` and
-    ``out = 0``.
+``forward(q, k, v, visibility, scale) -> Partial(out, row_max, row_log_sum)``
+    q [B, H, M, D], k and v [B, H_kv, N, D] (H % H_kv == 0). ``out`` [B, H, M, D] and the row
+    statistics [B, H, M] are in the accumulation dtype (float32; float64 for float64 inputs).
+    A row with no visible key here has ``row_max = -inf``, ``row_log_sum = 0`` and ``out = 0``.
 
-``backward(q, k, v, dout, lse, delta, mask, scale) -> (dq, dk, dv)``
-    ``lse`` and ``delta = rowsum(dout * out)`` are float32 [B, H, M] and *global*: computed
-    from the merged output of the M rows, so the result is exactly this rank's share of the gradient: ``dq`` [B, H, M, D]
-    (float32, partial: summed over ranks by the caller), ``dk`` and ``dv`` [B, H_kv, N, D]
-    (float32). Rows with ``lse = -inf`` contribute nothing.
+``backward(q, k, v, dout, row_max, row_log_sum, delta, visibility, scale, grad_key, grad_value) -> dq``
+    ``row_max``, ``row_log_sum`` and ``delta = rowsum(dout * out)`` are [B, H, M] and *global*:
+    those of the merged output, so the result is exactly this rank's share of the gradient.
+    Returns ``dq`` [B, H, M, D] (partial: summed over ranks by the caller) and *adds* this call's
+    dK and dV into ``grad_key`` and ``grad_value`` ([B, H_kv, N, D], accumulation dtype), which
+    the caller zeroes once and every micro-step accumulates into. Rows with ``row_max = -inf``
+    contribute nothing.
 
-Every backend must keep its score tiles to itself: nothing of size M x N outlives a call.
+What may be seen is one :class:`~lightning_mqsp.visibility.Visibility`, the same for every
+backend. Every backend keeps its score tiles to itself: nothing of size M x N outlives a call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class AttentionMask:
-    """Which (query, key) pairs may attend, and the dropout applied to those that do.
-
-    Positions are global positions in the full sequence (int64): ``query_positions`` [M],
-    ``key_positions`` [N]. They drive the causal mask (key position <= query position) and the
-    dropout hash. ``key_padding_mask`` is [B, N] bool, True = attend.
-    """
-
-    query_positions: Tensor
-    key_positions: Tensor
-    causal: bool = False
-    key_padding_mask: Tensor | None = None
-    dropout_p: float = 0.0
-    dropout_seed: int = 0
+from lightning_mqsp.merge import Partial
+from lightning_mqsp.visibility import Visibility
 
 
 class LocalAttentionBackend(Protocol):
     name: str
 
-    def supports(self, q: Tensor, mask: AttentionMask) -> str | None:
+    def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         """None when the backend can run these inputs, else the reason it cannot."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float) -> tuple[Tensor, Tensor]: ...
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial: ...
 
     def backward(
-        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: AttentionMask, scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor]: ...
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
+        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
+    ) -> Tensor: ...
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial results, row statistics and gradient accumulators: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 _FACTORIES: dict[str, Callable[[], LocalAttentionBackend]] = {}
@@ -76,21 +70,21 @@ def get_backend(name: str) -> LocalAttentionBackend:
     return _INSTANCES[name]
 
 
-def resolve_backend(name: str, q: Tensor, mask: AttentionMask) -> LocalAttentionBackend:
+def resolve_backend(name: str, q: Tensor, visibility: Visibility) -> LocalAttentionBackend:
     """The backend ``name`` stands for on these inputs; ``"auto"`` picks the fastest that can run them.
 
     auto: Triton kernels for CUDA tensors (when installed), aten's CPU flash kernel on CPU, and
-    the reference backend for whatever neither supports (dropout on CPU, for example).
+    the reference backend for whatever neither supports (dropout or soft-capping on CPU, float64).
     """
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.supports(q, mask)
+        reason = backend.supports(q, visibility)
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
         return backend
     preference = ["triton", "cpu_flash", "reference"] if q.is_cuda else ["cpu_flash", "reference"]
     for candidate in preference:
-        if candidate in _FACTORIES and get_backend(candidate).supports(q, mask) is None:
+        if candidate in _FACTORIES and get_backend(candidate).supports(q, visibility) is None:
             return get_backend(candidate)
     return get_backend("reference")
 

@@ -1,7 +1,8 @@
-"""Reference backend: plain torch ops, one explicit float32 score block per call.
+"""Reference backend: plain torch ops, one explicit score block per call.
 
-Slow and memory-hungry (M x N floats per head), but simple enough to trust, and it supports
-everything: any mask, dropout, GQA. The fused backends are tested against it.
+Slow and memory-hungry (M x N scores per head), but simple enough to trust, and it supports
+everything the visibility model holds: windows, padding, documents, soft-capping, dropout, GQA,
+float64. The fused backends are tested against it.
 """
 
 from __future__ import annotations
@@ -9,69 +10,66 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_mqsp.backends import AttentionMask, expand_kv_heads, reduce_kv_heads
-from lightning_mqsp.dropout import keep_mask
-
-
-def visible(mask: AttentionMask, batch_size: int) -> Tensor | None:
-    """Bool [B or 1, 1, M, N]: True where the query row may attend the key; None when all may."""
-    allowed = None
-    if mask.causal:
-        allowed = (mask.key_positions.view(1, 1, 1, -1) <= mask.query_positions.view(1, 1, -1, 1))
-    if mask.key_padding_mask is not None:
-        padding = mask.key_padding_mask.view(batch_size, 1, 1, -1)
-        allowed = padding if allowed is None else allowed & padding
-    return allowed
-
-
-def dropout_scale(mask: AttentionMask, num_heads: int, batch_size: int) -> Tensor | None:
-    """Float [B, H, M, N]: 1/(1-p) where kept, 0 where dropped; None without dropout."""
-    if mask.dropout_p == 0.0:
-        return None
-    keep = keep_mask(mask.dropout_seed, num_heads, batch_size, mask.query_positions, mask.key_positions, mask.dropout_p)
-    return keep.float() / (1.0 - mask.dropout_p)
+from lightning_mqsp.backends import accumulation_dtype, expand_kv_heads, reduce_kv_heads
+from lightning_mqsp.merge import Partial, finite_max
+from lightning_mqsp.visibility import Visibility
 
 
 class ReferenceBackend:
     name = "reference"
 
-    def supports(self, q: Tensor, mask: AttentionMask) -> str | None:
+    def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         return None
 
-    def _probabilities(self, q: Tensor, k: Tensor, mask: AttentionMask, scale: float, lse: Tensor | None) -> tuple[Tensor, Tensor]:
-        """exp(scores - lse) for the given (global) lse, or for the local one when lse is None."""
-        batch, heads = q.shape[:2]
-        scores = torch.matmul(q.float(), expand_kv_heads(k.float(), heads).transpose(-1, -2)) * scale
-        allowed = visible(mask, batch)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        if lse is None:
-            lse = torch.logsumexp(scores, dim=-1)
-        # A row with no visible key has lse = -inf: subtract +inf instead so it gets p = 0, not NaN.
-        safe_lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-        return torch.exp(scores - safe_lse.unsqueeze(-1)), lse
+    @staticmethod
+    def _scores(q: Tensor, k: Tensor, visibility: Visibility, scale: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(masked scores [B, H, M, N] with -inf where invisible, tanh of the capped scores or None, visible pairs or None)."""
+        scores = q @ k.transpose(-1, -2) * scale
+        capped = None
+        if visibility.softcap is not None:
+            capped = torch.tanh(scores / visibility.softcap)
+            scores = visibility.softcap * capped
+        visible = visibility.visible_pairs(q.size(0))
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        return scores, capped, visible
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
+        dtype = accumulation_dtype(q.dtype)
         batch, heads = q.shape[:2]
-        probs, lse = self._probabilities(q, k, mask, scale, None)
-        drop = dropout_scale(mask, heads, batch)
+        q, k, v = q.to(dtype), expand_kv_heads(k.to(dtype), heads), expand_kv_heads(v.to(dtype), heads)
+        scores, _, _ = self._scores(q, k, visibility, scale)
+        row_max = scores.amax(dim=-1)
+        probs = torch.exp(scores - finite_max(row_max).unsqueeze(-1))  # 0 where invisible
+        row_sum = probs.sum(dim=-1)
+        drop = visibility.dropout_scale(batch, heads)
         if drop is not None:
             probs = probs * drop
-        return torch.matmul(probs, expand_kv_heads(v.float(), heads)), lse
+        seen = row_sum > 0
+        out = (probs @ v) / torch.where(seen, row_sum, torch.ones_like(row_sum)).unsqueeze(-1)
+        row_log_sum = torch.where(seen, torch.log(torch.where(seen, row_sum, torch.ones_like(row_sum))), torch.zeros_like(row_sum))
+        return Partial(out, row_max, row_log_sum)
 
     def backward(
-        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: AttentionMask, scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        batch, heads = q.shape[:2]
-        probs, _ = self._probabilities(q, k, mask, scale, lse)
-        drop = dropout_scale(mask, heads, batch)
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
+        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
+    ) -> Tensor:
+        dtype = accumulation_dtype(q.dtype)
+        batch, heads, num_kv_heads = q.size(0), q.size(1), k.size(1)
+        q, k, v = q.to(dtype), expand_kv_heads(k.to(dtype), heads), expand_kv_heads(v.to(dtype), heads)
+        dout = dout.to(dtype)
+        scores, capped, _ = self._scores(q, k, visibility, scale)
+        # Globally normalised probabilities on these keys: exp((s - max) - log_sum); 0 for rows with no key anywhere.
+        shift = (finite_max(row_max) + row_log_sum).unsqueeze(-1)
+        probs = torch.exp(scores - shift).masked_fill(torch.isneginf(row_max).unsqueeze(-1), 0.0)
+        grad_probs = dout @ v.transpose(-1, -2)
+        drop = visibility.dropout_scale(batch, heads)
         dropped = probs if drop is None else probs * drop
-        dout = dout.float()
-        dv = torch.matmul(dropped.transpose(-1, -2), dout)
-        dprobs = torch.matmul(dout, expand_kv_heads(v.float(), heads).transpose(-1, -2))
         if drop is not None:
-            dprobs = dprobs * drop
-        dscores = probs * (dprobs - delta.unsqueeze(-1))
-        dq = torch.matmul(dscores, expand_kv_heads(k.float(), heads)) * scale
-        dk = torch.matmul(dscores.transpose(-1, -2), q.float()) * scale
-        return dq, reduce_kv_heads(dk, k.size(1)), reduce_kv_heads(dv, k.size(1))
+            grad_probs = grad_probs * drop
+        grad_scores = probs * (grad_probs - delta.to(dtype).unsqueeze(-1))
+        if capped is not None:  # d/ds [c * tanh(s / c)] = 1 - tanh^2
+            grad_scores = grad_scores * (1.0 - capped * capped)
+        grad_key.add_(reduce_kv_heads(grad_scores.transpose(-1, -2) @ q * scale, num_kv_heads))
+        grad_value.add_(reduce_kv_heads(dropped.transpose(-1, -2) @ dout, num_kv_heads))
+        return grad_scores @ k * scale

@@ -19,7 +19,8 @@ import sys
 import torch
 from torch import Tensor
 
-from lightning_mqsp.backends import AttentionMask
+from lightning_mqsp.merge import Partial, log_sum_exp
+from lightning_mqsp.visibility import Visibility
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Each program keeps [BLOCK, D] tiles on chip, so D is bounded; the tests cover D in {32, 48, 64, 128}.
@@ -42,7 +43,7 @@ def _positions(positions: Tensor, device: torch.device) -> Tensor:
     return positions.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _padding(mask: AttentionMask, device: torch.device) -> Tensor | None:
+def _padding(mask: Visibility, device: torch.device) -> Tensor | None:
     if mask.key_padding_mask is None:
         return None
     return mask.key_padding_mask.to(device=device, dtype=torch.bool).contiguous()
@@ -51,7 +52,7 @@ def _padding(mask: AttentionMask, device: torch.device) -> Tensor | None:
 class TritonBackend:
     name = "triton"
 
-    def supports(self, q: Tensor, mask: AttentionMask) -> str | None:
+    def supports(self, q: Tensor, mask: Visibility) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if q.device.type == "cpu":
@@ -69,24 +70,35 @@ class TritonBackend:
             return f"head dimension {q.size(-1)} exceeds {_MAX_HEAD_DIM}"
         if not 0.0 <= mask.dropout_p < 1.0:
             return f"dropout_p must lie in [0, 1), got {mask.dropout_p}"
+        if not (mask.window.is_full or mask.window.is_causal) or mask.has_documents or mask.softcap is not None:
+            return "sliding windows, documents and soft-capping are not in the Triton kernels yet"
         return None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Visibility, scale: float) -> Partial:
         from lightning_mqsp.kernels import ops  # imports triton: only now that the kernels are needed
 
-        return ops.micro_q_attention_forward(
+        out, lse = ops.micro_q_attention_forward(
             q, k.to(q.dtype), v.to(q.dtype),
             _positions(mask.query_positions, q.device), _positions(mask.key_positions, q.device),
-            _padding(mask, q.device), mask.causal, float(scale), float(mask.dropout_p), int(mask.dropout_seed),
+            _padding(mask, q.device), mask.window.is_causal, float(scale), float(mask.dropout_p), _seed(mask),
         )
+        return Partial(out, lse, torch.zeros_like(lse))
 
     def backward(
-        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, mask: AttentionMask, scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
+        mask: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
+    ) -> Tensor:
         from lightning_mqsp.kernels import ops
 
-        return ops.micro_q_attention_backward(
-            q, k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype), lse, delta,
+        dq, dk, dv = ops.micro_q_attention_backward(
+            q, k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype), log_sum_exp(row_max, row_log_sum), delta,
             _positions(mask.query_positions, q.device), _positions(mask.key_positions, q.device),
-            _padding(mask, q.device), mask.causal, float(scale), float(mask.dropout_p), int(mask.dropout_seed),
+            _padding(mask, q.device), mask.window.is_causal, float(scale), float(mask.dropout_p), _seed(mask),
         )
+        grad_key.add_(dk)
+        grad_value.add_(dv)
+        return dq
+
+
+def _seed(mask: Visibility) -> int:
+    return 0 if mask.dropout_seed is None else int(mask.dropout_seed.item())
