@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 install: $(STAMP)
 
@@ -14,11 +14,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[test,examples,triton]" $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[test,examples,triton,lint]" $(TORCH_PIN)
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (style, imports, likely bugs) over the whole tree, mypy over the package and kernels (pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

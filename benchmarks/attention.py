@@ -38,9 +38,9 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.baselines import METHODS  # noqa: E402
-from benchmarks.baselines.common import FP32_TOLERANCE, AttentionFn, Shape, reference_errors  # noqa: E402
-from lightning_mqsp import auto_micro_q_size, count_communication  # noqa: E402
+from benchmarks.baselines import METHODS
+from benchmarks.baselines.common import FP32_TOLERANCE, AttentionFn, Shape, reference_errors
+from lightning_mqsp import auto_micro_q_size, count_communication
 
 GiB = 2**30
 MiB = 2**20
@@ -246,7 +246,8 @@ def check_shape_for(args: argparse.Namespace, world_size: int) -> Shape:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
     repo = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     # The package is imported from the working tree: say whether it differs from the commit.
@@ -267,7 +268,8 @@ def fmt_comm(sent: dict[str, int]) -> str:
 
 
 def print_table(records: list[Record]) -> str:
-    header = f"{'P':>2} {'L':>6} {'method':<8} {'peak/rank':>11} {'(analytic)':>11} {'fwd+bwd s':>10} {'sent/rank':>11} {'(formula)':>11}  note"
+    header = (f"{'P':>2} {'L':>6} {'method':<8} {'peak/rank':>11} {'(analytic)':>11} {'fwd+bwd s':>10} "
+              f"{'sent/rank':>11} {'(formula)':>11}  note")
     lines = [header, "-" * len(header)]
     for r in sorted(records, key=lambda r: (r.world_size, r.length, list(METHODS).index(r.method))):
         time_s = "-" if r.time_s is None else f"{r.time_s:.3f}"
@@ -320,7 +322,8 @@ def print_headline(summary: dict[str, Any], ratio_length: int) -> str:
     lines = ["", "Weak scaling of mqsp (l = L/P fixed, P = 1, 2, 4): per-rank peak"]
     for row in summary["weak_scaling"]:
         peaks = ", ".join(fmt_bytes(p) for p in row["peaks_bytes"])
-        lines.append(f"  l={row['l']:>6}: {peaks}  max/min = {row['max_over_min']:.3f} ({'within' if row['max_over_min'] <= 1.1 else 'OUTSIDE'} 10%)")
+        within = "within" if row["max_over_min"] <= 1.1 else "OUTSIDE"
+        lines.append(f"  l={row['l']:>6}: {peaks}  max/min = {row['max_over_min']:.3f} ({within} 10%)")
     lines.append(f"Per-rank peak of each baseline / mqsp at L={ratio_length}, P=4 (analytic where not run):")
     for name, row in summary["memory_ratios"].items():
         lines.append(f"  {name:<8} {row['ratio']:8.2f}x{'  (analytic)' if row['analytic'] else ''}")
@@ -450,13 +453,16 @@ def run_scaling(args: argparse.Namespace) -> None:
             continue
         tasks, skipped = planned_records(args, p)
         records += skipped
-        print(f"P={p}: {sum(len(t.variants) for t in tasks)} configurations to run ({threads_per_rank(p)} thread(s) per rank), {len(skipped)} not run", flush=True)
+        configurations = sum(len(t.variants) for t in tasks)
+        threads = threads_per_rank(p)
+        print(f"P={p}: {configurations} configurations to run ({threads} thread(s) per rank), {len(skipped)} not run", flush=True)
         if tasks:
             result = run_on_ranks(p, threads_per_rank(p), check_shape_for(args, p), tasks)
             check_errors[p] = result["check_errors"]
             records += [Record(**r) for r in result["records"]]
             # Keep what is done so far: a long run cut short still leaves its finished world sizes.
-            (args.out / "attention.partial.json").write_text(json.dumps({"check_errors": check_errors, "records": [asdict(r) for r in records]}))
+            partial = {"check_errors": check_errors, "records": [asdict(r) for r in records]}
+            (args.out / "attention.partial.json").write_text(json.dumps(partial))
     info["load_average_at_end"] = os.getloadavg()
     print(f"\nChecked against float64 SDPA at L={args.check_length} before timing; worst relative error per P: "
           + ", ".join(f"P={p}: {max(max(e.values()) for e in errs.values()):.1e}" for p, errs in check_errors.items() if errs))

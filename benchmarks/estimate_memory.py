@@ -37,11 +37,12 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,18 +51,25 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import (
-    AttentionInterface, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-    PretrainedConfig, PreTrainedModel,
+    AttentionInterface,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import lightning_mqsp.attention  # noqa: E402
-from benchmarks.baselines import METHODS  # noqa: E402
-from benchmarks.baselines import mqsp as mqsp_baseline  # noqa: E402
-from benchmarks.baselines.common import AttentionFn, Shape  # noqa: E402
-from lightning_mqsp import count_communication  # noqa: E402
-from lightning_mqsp.comm import ProcessGroup  # noqa: E402
+import lightning_mqsp.attention
+from benchmarks.baselines import METHODS
+from benchmarks.baselines import mqsp as mqsp_baseline
+from benchmarks.baselines.common import AttentionFn, Shape
+from lightning_mqsp import count_communication
+from lightning_mqsp.comm import ProcessGroup
 
 GB = 10**9
 GiB = 2**30
@@ -381,7 +389,8 @@ def max_length_table(
                 row[str(budget)] = (
                     max_length(model, method, world_size, budget * GB, precision, extrapolated_peak, cache) if applies else None
                 )
-                log(f"{method:12s} P={world_size:2d} {budget} GB: L_max={row[str(budget)]} ({len(cache)} estimates, {time.time() - started:.0f} s)")
+                elapsed = time.time() - started
+                log(f"{method:12s} P={world_size:2d} {budget} GB: L_max={row[str(budget)]} ({len(cache)} estimates, {elapsed:.0f} s)")
             table[method][str(world_size)] = row
     return table
 
@@ -504,7 +513,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"**MQSP micro-step size (2 layers, L={sweep['length']:,}, P={sweep['world_size']})**", "",
                   "| gathered rows per step | micro_q_size | peak | fake-run time |", "|---:|---:|---:|---:|"]
         for row in sweep["rows"]:
-            lines.append(f"| {row['gathered_rows']:,} | {row['micro_q_size']:,} | {row['peak_bytes'] / GiB:.3f} GiB | {row['seconds']:.1f} s |")
+            lines.append(
+                f"| {row['gathered_rows']:,} | {row['micro_q_size']:,} | {row['peak_bytes'] / GiB:.3f} GiB | {row['seconds']:.1f} s |"
+            )
     if results.get("models"):
         comparison = results["models"]
         lines += ["", f"**Peak per rank at L={comparison['length']:,}, P={comparison['world_size']} (GiB)**", "",
@@ -538,10 +549,11 @@ def plot(results: dict[str, Any], path: Path = PLOT_PATH) -> None:
             points = [(p, length) for p, length in points if length]
             axis.plot(*zip(*points), marker="o", label=METHOD_LABELS[method], linewidth=2.5 if method == "mqsp" else 1.2)
         axis.axhline(PAPER_MAX_LENGTH, color="grey", linestyle=":", label="paper: 78,848 at P=32 (A100)")
-        axis.set(xscale="log", yscale="log", xlabel="ranks P", title=f"{settings['model']}, {settings['precision']}, {budget} GB per device")
+        title = f"{settings['model']}, {settings['precision']}, {budget} GB per device"
+        axis.set(xscale="log", yscale="log", xlabel="ranks P", title=title)
         axis.set_xticks(settings["world_sizes"], [str(p) for p in settings["world_sizes"]])
         axis.grid(True, which="both", alpha=0.3)
-    list(getattr(axes, "flat", [axes]))[0].set_ylabel("longest trainable sequence L (tokens)")
+    next(iter(getattr(axes, "flat", [axes]))).set_ylabel("longest trainable sequence L (tokens)")
     list(getattr(axes, "flat", [axes]))[-1].legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,10 @@ from torch import Tensor
 from transformers import BertConfig, BertForMaskedLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-import lightning_mqsp  # noqa: E402,F401  (registers the "mqsp" strategy name)
-from lightning_mqsp import sequence_parallel_cross_entropy  # noqa: E402
-from text_data import TextDataModule  # noqa: E402
+from text_data import TextDataModule
+
+import lightning_mqsp  # noqa: F401  (registers the "mqsp" strategy name)
+from lightning_mqsp import sequence_parallel_cross_entropy
 
 
 class BertMLM(LightningModule):

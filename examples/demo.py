@@ -92,7 +92,8 @@ def main() -> None:
     print(f"\n{'step':>5} {'1 process':>11}" + "".join(f" {f'SP={sp}':>11} {'|diff|':>9}" for sp in sizes))
     for step in range(len(curves[1])):
         reference = curves[1][step]
-        print(f"{step + 1:5d} {reference:11.6f}" + "".join(f" {curves[sp][step]:11.6f} {abs(curves[sp][step] - reference):9.1e}" for sp in sizes))
+        columns = "".join(f" {curves[sp][step]:11.6f} {abs(curves[sp][step] - reference):9.1e}" for sp in sizes)
+        print(f"{step + 1:5d} {reference:11.6f}{columns}")
     worst = {sp: max(abs(a - b) for a, b in zip(curves[sp], curves[1])) for sp in sizes}
     out = Path(args.out)
     figure = out / "loss_curves.png"

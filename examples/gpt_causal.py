@@ -18,8 +18,9 @@ from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bert_mlm import main  # noqa: E402
-from lightning_mqsp import causal_lm_cross_entropy  # noqa: E402
+from bert_mlm import main
+
+from lightning_mqsp import causal_lm_cross_entropy
 
 
 def build_causal_lm(architecture: str, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,

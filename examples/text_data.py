@@ -49,7 +49,9 @@ def load_corpus(source: str | None = None) -> str:
     return "\n\n".join(split["text"])
 
 
-def build_tokenizer(corpus: str, vocab_size: int = 8192, cache_dir: Path = DEFAULT_CACHE, pretrained: str | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    corpus: str, vocab_size: int = 8192, cache_dir: Path = DEFAULT_CACHE, pretrained: str | None = None,
+) -> PreTrainedTokenizerFast:
     """A BERT-style WordPiece tokenizer trained on ``corpus`` (cached by content), or ``pretrained``."""
     if pretrained is not None:
         from transformers import AutoTokenizer
@@ -86,7 +88,9 @@ def token_blocks(corpus: str, tokenizer: PreTrainedTokenizerFast, seq_len: int) 
     stream = torch.tensor([token for paragraph in ids for token in (*paragraph, sep)], dtype=torch.long)
     n = stream.numel() // seq_len
     if n == 0:
-        raise ValueError(f"The corpus has {stream.numel()} tokens, fewer than one sequence of {seq_len}: use a shorter seq_len or more text.")
+        raise ValueError(
+            f"The corpus has {stream.numel()} tokens, fewer than one sequence of {seq_len}: use a shorter seq_len or more text."
+        )
     return stream[: n * seq_len].view(n, seq_len)
 
 

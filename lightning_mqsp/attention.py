@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -208,7 +209,7 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:  # type: ignore[override]
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:
         visibility = masks.visibility(plan)
         out, row_max, row_log_sum = plan.backend.forward(query, key, value, visibility, plan.scale)
         out = out.to(query.dtype)
@@ -219,7 +220,7 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     @_not_twice_differentiable
     @_without_autocast
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         plan: _Plan = ctx.plan
         query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
         dtype = accumulation_dtype(query.dtype)
@@ -235,7 +236,7 @@ class _LocalAttention(torch.autograd.Function):
 class _MQSPAttention(torch.autograd.Function):
     @staticmethod
     @_without_autocast
-    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:  # type: ignore[override]
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:
         b, h, _, d = query.shape
         dtype = accumulation_dtype(query.dtype)
         out = torch.empty_like(query)
@@ -271,7 +272,7 @@ class _MQSPAttention(torch.autograd.Function):
     @staticmethod
     @_not_twice_differentiable
     @_without_autocast
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         plan: _Plan = ctx.plan
         masks: _Masks = ctx.masks
         query, key, value, out, row_max, row_log_sum = ctx.saved_tensors

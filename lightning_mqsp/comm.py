@@ -17,9 +17,9 @@ called by :class:`~lightning_mqsp.MQSPStrategy` when a step raises) before its p
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,8 @@ def count_communication() -> Iterator[CommCounter]:
 
 
 def record_bytes_sent(name: str, nbytes: float) -> None:
-    """Add ``nbytes`` sent by this rank under ``name`` to every active counter (for collectives built elsewhere, e.g. point-to-point rings)."""
+    """Add ``nbytes`` sent by this rank under ``name`` to every active counter (for collectives built elsewhere,
+    e.g. point-to-point rings)."""
     for counter in _active_counters:
         counter.record(name, nbytes)
 
@@ -109,10 +110,18 @@ def _reported_failures(group: ProcessGroup | None) -> list[str]:
 def describe_failure(what: str, group: ProcessGroup | None, error: BaseException) -> str:
     """The message of a failed collective: what it was, who failed (when known), and what to check."""
     reported = _reported_failures(group)
-    cause = "; ".join(reported) if reported else (
-        "a rank of the group crashed, raised, or did not reach this collective before the group's timeout "
-        "(different numbers of attention calls on the ranks of a group also end here)"
-    )
+    said = str(error).lower()
+    if reported:
+        cause = "; ".join(reported)
+    elif "timed out" in said or "timeout" in said:
+        cause = (
+            "a rank of the group did not reach this collective within the group's timeout: it hangs, is far behind, "
+            "or made a different number of attention calls than this rank"
+        )
+    elif "closed" in said or "reset" in said or "broken pipe" in said:
+        cause = "the process of a peer rank is gone (it crashed or was killed; see its log)"
+    else:
+        cause = "a rank of the group failed"
     ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
     return f"{what} over the sequence-parallel group (global ranks {ranks}) failed: {cause}. The collective said: {error}"
 
@@ -132,7 +141,7 @@ class Pending:
             work, self._work = self._work, None
             try:
                 work.wait()
-            except Exception as error:  # noqa: BLE001 - re-raised with what failed and who
+            except Exception as error:
                 raise CollectiveError(describe_failure(self._what, self._group, error)) from error
         result, self._result = self._result, None
         if result is None:
@@ -147,7 +156,7 @@ def group_size(group: ProcessGroup | None) -> int:
 def _issue(what: str, group: ProcessGroup | None, start) -> dist.Work:
     try:
         return start()
-    except Exception as error:  # noqa: BLE001 - gloo may fail while posting, not only while waiting
+    except Exception as error:
         raise CollectiveError(describe_failure(what, group, error)) from error
 
 
@@ -203,12 +212,12 @@ class _AllReduceSum(torch.autograd.Function):
     uses the sum). Written here because torch.distributed.nn's version misbehaves on subgroups."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup | None, what: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, group: ProcessGroup | None, what: str) -> Tensor:
         ctx.group, ctx.what = group, what
         return all_reduce(x, group, what)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         return all_reduce(grad, ctx.group, f"{ctx.what} (backward)"), None, None
 
 

@@ -40,7 +40,7 @@ def draw_seed(device: torch.device | str = "cpu") -> Tensor:
 
 def keep_threshold(dropout_p: float) -> int:
     """Hash values at or above this 32-bit threshold are kept: P(keep) = 1 - dropout_p."""
-    return min(int(round(dropout_p * 2**32)), 2**32)
+    return min(round(dropout_p * 2**32), 2**32)
 
 
 def keep_mask(

@@ -155,7 +155,7 @@ def _rebuild_mapping(original: Mapping[str, Any], items: dict[str, Any]) -> Any:
 
     if isinstance(original, BatchEncoding):
         return BatchEncoding(items, tensor_type=None)
-    return type(original)(items)
+    return type(original)(items)  # type: ignore[call-arg]
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -171,7 +171,9 @@ def gather_sequence(x: Tensor, group: ProcessGroup | None, layout: Layout, full_
     return full if full_length is None else full.narrow(dim, 0, full_length)
 
 
-def gather_outputs(outputs: Any, local_length: int, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1) -> Any:
+def gather_outputs(
+    outputs: Any, local_length: int, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1,
+) -> Any:
     """Gather every tensor of ``outputs`` (nested dicts/tuples/ModelOutputs) that has the local sequence length at ``dim``."""
     if isinstance(outputs, Tensor):
         if outputs.dim() > dim and outputs.size(dim) == local_length:
@@ -179,7 +181,9 @@ def gather_outputs(outputs: Any, local_length: int, group: ProcessGroup | None, 
         return outputs
     if isinstance(outputs, Mapping):
         gathered = {k: gather_outputs(v, local_length, group, layout, full_length, dim) for k, v in outputs.items()}
-        return gathered if type(outputs) is dict else type(outputs)(**gathered) if _is_model_output(outputs) else type(outputs)(gathered)
+        if type(outputs) is dict:
+            return gathered
+        return type(outputs)(**gathered) if _is_model_output(outputs) else type(outputs)(gathered)  # type: ignore[call-arg]
     if isinstance(outputs, (tuple, list)) and not _is_namedtuple(outputs):
         return type(outputs)(gather_outputs(v, local_length, group, layout, full_length, dim) for v in outputs)
     return outputs

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -205,6 +207,11 @@ class MQSPStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         # Peers blocked in a collective with this rank fail when it exits; this lets them name it and why.
         comm.report_failure(exception)
+        # A broken sequence-parallel group cannot recover, and a peer that hangs outside a collective would
+        # outlive this process: the launching process ends the processes it started (Lightning does so
+        # only on KeyboardInterrupt).
+        if isinstance(exception, comm.CollectiveError) and isinstance(self.launcher, _SubprocessScriptLauncher):
+            self.launcher.kill(_get_sigkill_signal())
         super().on_exception(exception)
 
     # -- batches and steps -----------------------------------------------------------------

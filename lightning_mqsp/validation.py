@@ -211,10 +211,11 @@ def check_across_ranks(group: ProcessGroup | None, error: str | None, signature:
     Sends one row of metadata the first time a signature is seen on ``group``; nothing afterwards.
     """
     key = group if group is not None else dist.group.WORLD
+    assert key is not None
     checked = _checked.setdefault(key, set())
     if error is None and signature in checked:
         return
-    row = [0, *astuple(signature)] if error is None else [1] + [0] * len(FIELDS)
+    row = [0, *astuple(signature)] if signature is not None and error is None else [1] + [0] * len(FIELDS)
     metadata = torch.tensor(row, dtype=torch.int64, device=_metadata_device(group))
     gathered = comm.all_gather(metadata, group, "mqsp_attention: the check of its inputs").wait()
     # A fake process group (memory estimates under FakeTensorMode) sends the row but carries no values back.

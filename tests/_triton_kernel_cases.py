@@ -17,25 +17,25 @@ import os
 # Importing lightning imports torch._dynamo, which imports triton: set it before anything.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import json  # noqa: E402
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+import pytest
+import torch
+import triton
+from _triton_reference import allowed_pairs, dense_attention_float64, dense_lse_float64, relative_error
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from triton.runtime.interpreter import InterpretedFunction
 
-from _triton_reference import allowed_pairs, dense_attention_float64, dense_lse_float64, relative_error  # noqa: E402
-from lightning_mqsp.backends import AttentionMask, get_backend, resolve_backend  # noqa: E402
-from lightning_mqsp.backends.reference import ReferenceBackend  # noqa: E402
-from lightning_mqsp.dropout import keep_mask  # noqa: E402
-from lightning_mqsp.kernels import ops, tuning  # noqa: E402
+from lightning_mqsp.backends import AttentionMask, get_backend, resolve_backend
+from lightning_mqsp.backends.reference import ReferenceBackend
+from lightning_mqsp.dropout import keep_mask
+from lightning_mqsp.kernels import ops, tuning
 
 if not tuning.INTERPRET or not isinstance(triton.language.standard.max, InterpretedFunction):
     raise RuntimeError(

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from distributed import WorkerPool  # noqa: E402
+from distributed import WorkerPool
 
 _pools: dict[int, WorkerPool] = {}
 

@@ -13,7 +13,8 @@ import os
 import queue
 import tempfile
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,8 @@ class WorkerPool:
                 outcomes[rank] = (ok, value)
         except queue.Empty:
             self.close(force=True)
-            raise TimeoutError(f"{fn.__name__} did not finish on ranks {sorted(set(range(self.world_size)) - set(outcomes))} within {timeout}s (deadlock?)") from None
+            missing = sorted(set(range(self.world_size)) - set(outcomes))
+            raise TimeoutError(f"{fn.__name__} did not finish on ranks {missing} within {timeout}s (deadlock?)") from None
         failures = {r: v for r, (ok, v) in outcomes.items() if not ok}
         if failures:
             rank = min(failures)

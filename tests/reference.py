@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    """max |actual - expected| / max |expected| (the max difference itself when expected is all zero)."""
-    scale = expected.double().abs().max().item()
+def relative_error(actual: Tensor, expected: Tensor, floor: float = 0.0) -> float:
+    """max |actual - expected| / max(max |expected|, floor): ``floor`` keeps tensors that are zero up to
+    rounding from dividing by nearly nothing (the max difference itself when both are zero)."""
+    scale = max(expected.double().abs().max().item(), floor)
     diff = (actual.double() - expected.double()).abs().max().item()
     return diff / scale if scale > 0 else diff
 

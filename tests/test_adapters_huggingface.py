@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    AttentionInterface, AttentionMaskInterface, BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel,
-    RobertaConfig, RobertaForMaskedLM,
+    AttentionInterface,
+    AttentionMaskInterface,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
 )
 
 from lightning_mqsp.adapters import SequenceParallelContext, activate, huggingface
@@ -67,7 +73,7 @@ def test_global_length_over_the_position_table_names_the_fix() -> None:
 @pytest.mark.parametrize("build", [lambda: BertModel(tiny_bert_config()), lambda: BertForSequenceClassification(tiny_bert_config())],
                          ids=["pooler", "sequence_head"])
 def test_pooling_models_are_refused_unless_allowed(build) -> None:
-    with pytest.raises(ValueError, match="pools over the sequence.*allow_sequence_pooling=True"):
+    with pytest.raises(ValueError, match=r"pools over the sequence.*allow_sequence_pooling=True"):
         huggingface.prepare(build())
     assert huggingface.prepare(build(), allow_sequence_pooling=True)
 

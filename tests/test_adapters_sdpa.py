@@ -8,7 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mqsp.adapters import (
-    AttentionAudit, SequenceParallelContext, activate, reject_unroutable_modules, sequence_parallel_attention,
+    AttentionAudit,
+    SequenceParallelContext,
+    activate,
+    reject_unroutable_modules,
+    sequence_parallel_attention,
 )
 from lightning_mqsp.adapters.sdpa import RouteScaledDotProductAttention
 

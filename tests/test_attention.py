@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
 
 from lightning_mqsp import count_communication, mqsp_attention, shard_sequence
 from lightning_mqsp.attention import communication_bytes
 from lightning_mqsp.dropout import keep_mask
-from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
 
 FP32_TOLERANCE = 1e-5
 BF16_TOLERANCE = 2e-2
@@ -229,7 +229,7 @@ def test_float64_is_computed_in_float64() -> None:
     mask = torch.tensor([[True, True, False, True, True, True]])
     for causal in (False, True):
         assert torch.autograd.gradcheck(
-            lambda q, k, v: mqsp_attention(q, k, v, causal=causal, key_padding_mask=mask, window=(3, 3)), (q, k, v)
+            lambda q, k, v, causal=causal: mqsp_attention(q, k, v, causal=causal, key_padding_mask=mask, window=(3, 3)), (q, k, v)
         )
 
 
@@ -271,7 +271,7 @@ def run_large_offset(backend: str) -> dict[str, float]:
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     sdpa = F.scaled_dot_product_attention(qs, ks, vs, scale=0.25)
     sdpa.backward(dout)
-    shard = lambda t: shard_sequence(t, 2, rank, world_size, "zigzag")  # noqa: E731
+    shard = lambda t: shard_sequence(t, 2, rank, world_size, "zigzag")
     ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
     out = mqsp_attention(ql, kl, vl, layout="zigzag", scale=0.25, micro_q_size=8, backend=backend)
     out.backward(shard(dout))

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from reference import allowed_pairs, dense_attention, relative_error
 
 from lightning_mqsp.backends import get_backend
 from lightning_mqsp.merge import merge
 from lightning_mqsp.visibility import Visibility, Window
-from reference import allowed_pairs, dense_attention, relative_error
 
 CPU_BACKENDS = ["reference", "cpu_flash"]
 

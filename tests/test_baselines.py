@@ -11,10 +11,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ folder is not installed
 
-from benchmarks.baselines import METHODS  # noqa: E402
-from benchmarks.baselines.common import Shape, local_shard, make_inputs  # noqa: E402
-from lightning_mqsp import count_communication  # noqa: E402
-from reference import relative_error, sdpa_reference  # noqa: E402
+from reference import relative_error, sdpa_reference
+
+from benchmarks.baselines import METHODS
+from benchmarks.baselines.common import Shape, local_shard, make_inputs
+from lightning_mqsp import count_communication
 
 TOLERANCE = 1e-5
 SHAPE = dict(batch=2, heads=4, length=64, head_dim=16)

@@ -13,8 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ folder is not installed
 
-from benchmarks.estimate_memory import (  # noqa: E402
-    Setup, analytic_communication, counted_communication, estimate_training_step, extrapolated_peak, measure_training_step,
+from benchmarks.estimate_memory import (
+    Setup,
+    analytic_communication,
+    counted_communication,
+    estimate_training_step,
+    extrapolated_peak,
+    measure_training_step,
 )
 
 #: Largest |estimate / measured - 1| accepted.

@@ -32,7 +32,8 @@ def train_losses(metrics_csv: Path) -> list[float]:
 # One batch seen again and again (overfit_batches) so that "the loss falls" is a property of the
 # training, not of which batches came first.
 TINY_RUN = ["--model.hidden_size=32", "--model.num_layers=1", "--model.lr=0.01", "--model.warmup_steps=1",
-            "--trainer.max_steps=6", "--trainer.overfit_batches=1", "--trainer.val_check_interval=1", "--data.seq_len=128", "--data.tokenizer_vocab_size=2000"]
+            "--trainer.max_steps=6", "--trainer.overfit_batches=1", "--trainer.val_check_interval=1", "--data.seq_len=128",
+            "--data.tokenizer_vocab_size=2000"]
 
 
 def assert_trains(losses: list[float], steps: int) -> None:

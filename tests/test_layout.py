@@ -35,7 +35,7 @@ def test_zigzag_balances_causal_work() -> None:
 
 
 def test_lengths_that_do_not_divide_are_refused_with_the_fix() -> None:
-    with pytest.raises(ValueError, match="multiple of 8. Pad the sequence to 40"):
+    with pytest.raises(ValueError, match=r"multiple of 8\. Pad the sequence to 40"):
         shard_sequence(torch.zeros(33), 0, 0, 4, "zigzag")
     with pytest.raises(ValueError, match="layout must be one of"):
         shard_sequence(torch.zeros(32), 0, 0, 4, "striped")  # type: ignore[arg-type]

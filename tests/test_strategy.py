@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from lightning_mqsp import MQSPStrategy
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+from reference import relative_error  # noqa: E402
 from single_process_training import dp_batches, reference_run  # noqa: E402
 from tiny_lm import build_model, make_samples  # noqa: E402
 
@@ -44,13 +46,9 @@ def run_script(script: str, *args: str, out: Path, env: dict[str, str] | None = 
     return torch.load(out / "result.pt", weights_only=False) | {"stderr": proc.stderr}
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / (expected.norm() + ATOL / RTOL)).item()
-
-
 def assert_tensors_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str = "model.") -> None:
     assert {prefix + name for name in expected} == set(actual)
-    errors = {name: relative_error(actual[prefix + name], value) for name, value in expected.items()}
+    errors = {name: relative_error(actual[prefix + name], value, floor=ATOL / RTOL) for name, value in expected.items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= RTOL, f"{worst}: relative error {errors[worst]:.2e} > {RTOL}"
 
@@ -205,7 +203,35 @@ def test_bad_layout_fails_at_construction() -> None:
         MQSPStrategy(layout="striped")  # type: ignore[arg-type]
 
 
-def test_sampler_is_keyed_by_data_parallel_rank() -> None:
+@pytest.mark.timeout(600)
+def test_sampler_is_keyed_by_data_parallel_rank(runs: dict) -> None:
+    # Global ranks 0, 1 form sequence-parallel group 0 (data-parallel rank 0), ranks 2, 3 group 1: each group's two
+    # ranks load the same samples, from a sampler over the 2 data-parallel replicas.
+    assert runs["bert"]["samplers"] == [[0, 2], [0, 2], [1, 2], [1, 2]]
+
+
+def test_default_sequence_parallel_size_is_one_node() -> None:
     strategy = MQSPStrategy(sequence_parallel_size=2, parallel_devices=[torch.device("cpu")] * 4)
     assert (strategy.sequence_parallel_size, strategy.num_processes) == (2, 4)
-    assert MQSPStrategy(parallel_devices=[torch.device("cpu")] * 4).sequence_parallel_size == 4  # default: one node
+    assert MQSPStrategy(parallel_devices=[torch.device("cpu")] * 4).sequence_parallel_size == 4
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("mode", "names"), [
+    ("raise", "rank 1 failed first: RuntimeError: rank 1 broke on purpose"),
+    ("exit", "the process of a peer rank is gone"),
+    ("hang", "did not reach this collective within the group's timeout"),
+])
+def test_a_failing_rank_ends_every_rank_with_a_named_error(mode: str, names: str) -> None:
+    """Rank 1 raises, dies or hangs in its second step while rank 0 waits in an attention collective: the run
+    ends within the sequence-parallel timeout (5 s here) and rank 0's error names mqsp_attention and the cause."""
+    timeout_s = 5
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "failing_rank.py"), mode, str(timeout_s)], cwd=REPO, capture_output=True, text=True,
+        timeout=150, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "CollectiveError: mqsp_attention: the query all-gather" in line]
+    assert errors and names in errors[0], proc.stderr[-3000:]
+    assert time.monotonic() - started < 60  # process start-up included; the wait itself is bounded by the 5 s timeout

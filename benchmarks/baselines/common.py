@@ -9,8 +9,8 @@ kernel, and the float64 reference every method is checked against before it is t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist

@@ -15,8 +15,15 @@ from torch import Tensor
 from lightning_mqsp.merge import Partial, empty_partial, log_sum_exp, merge_into
 
 from .common import (
-    Method, ProcessGroup, Shape, default_scale, flash_backward, flash_forward, inputs_and_grads_bytes,
-    ring_blocks, ring_shift,
+    Method,
+    ProcessGroup,
+    Shape,
+    default_scale,
+    flash_backward,
+    flash_forward,
+    inputs_and_grads_bytes,
+    ring_blocks,
+    ring_shift,
 )
 
 #: Local-shard-sized buffers at the peak beyond inputs and gradients: the packed K/V block in hand
@@ -45,7 +52,7 @@ class RingAttention(torch.autograd.Function):
         grad_q = torch.zeros_like(out, dtype=torch.float32)
         grad_kv = torch.zeros((2, *k.shape), dtype=torch.float32)  # the accumulator of the block in hand
         arriving = None
-        for step, (_, kv) in enumerate(ring_blocks(torch.stack([k, v]), ctx.group)):
+        for _, kv in ring_blocks(torch.stack([k, v]), ctx.group):
             part_dq, part_dk, part_dv = flash_backward(dout, q, kv[0], kv[1], out, lse, ctx.scale)
             grad_q += part_dq
             if arriving is not None:

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from .common import (
-    Method, ProcessGroup, Shape, default_scale, inputs_and_grads_bytes, rank_and_size, ring_blocks, scatter_sequence_sum,
+    Method,
+    ProcessGroup,
+    Shape,
+    default_scale,
+    inputs_and_grads_bytes,
+    rank_and_size,
+    ring_blocks,
+    scatter_sequence_sum,
 )
 
 #: l x L float32 maps alive at the peak (measured with MemTracker): in backward, the saved

@@ -18,9 +18,9 @@ first step by :class:`AttentionAudit` instead of silently training on local atte
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

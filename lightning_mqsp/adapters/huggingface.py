@@ -19,7 +19,7 @@ renamed: the state dict is unchanged) and adds a forward pre-hook that passes gl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from lightning_mqsp import comm
 from lightning_mqsp.adapters import SequenceParallelContext, require_context
 from lightning_mqsp.layout import shard_sequence, unshard_sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ATTENTION_NAME = "mqsp"
 #: Heads that pool the sequence into one vector; sharded, each rank would pool its own tokens only.
@@ -70,11 +73,11 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, mqsp_mask)
 
 
-def huggingface_models(model: nn.Module) -> list[nn.Module]:
+def huggingface_models(model: nn.Module) -> list[PreTrainedModel]:
     """The outermost Hugging Face ``PreTrainedModel`` submodules of ``model`` (itself included)."""
     from transformers import PreTrainedModel
 
-    found: list[nn.Module] = []
+    found: list[PreTrainedModel] = []
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and not any(module in outer.modules() for outer in found):
             found.append(module)
@@ -89,7 +92,7 @@ def absolute_position_limit(model: nn.Module) -> tuple[str, int] | None:
     return None
 
 
-def check_supported(model: nn.Module, allow_sequence_pooling: bool) -> None:
+def check_supported(model: PreTrainedModel, allow_sequence_pooling: bool) -> None:
     """Raise at setup if ``model`` cannot run sequence-parallel attention exactly."""
     name = type(model).__name__
     if not model._can_set_attn_implementation():
@@ -118,14 +121,17 @@ def check_supported(model: nn.Module, allow_sequence_pooling: bool) -> None:
 class _HuggingFacePatch:
     """Undo information for one model switched by :func:`prepare`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.original_implementation = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         self.limit = absolute_position_limit(model)
         # RoBERTa-style embeddings number real tokens from padding_idx + 1 and give pads padding_idx.
-        self.padding_idx = next((m.padding_idx for m in model.modules() if type(m).__name__.endswith("Embeddings")
-                                 and isinstance(getattr(m, "padding_idx", None), int)), None)
+        self.padding_idx: int | None = next(
+            (index for m in model.modules()
+             if type(m).__name__.endswith("Embeddings") and isinstance(index := getattr(m, "padding_idx", None), int)),
+            None,
+        )
         self.hook = model.register_forward_pre_hook(self._add_global_positions, with_kwargs=True)
 
     def _add_global_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -22,7 +22,8 @@ backend. Every backend keeps its score tiles to itself: nothing of size M x N ou
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor

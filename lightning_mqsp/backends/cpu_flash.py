@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_mqsp.backends import expand_kv_heads, reduce_kv_heads
 from lightning_mqsp.merge import Partial, empty_partial, finite_max, log_sum_exp, merge_into
-from lightning_mqsp.visibility import Visibility
+from lightning_mqsp.visibility import Visibility, Window
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -90,7 +90,9 @@ def _causal_pieces(row_start: int, row_stop: int, row_pos: int, key_start: int, 
     return pieces
 
 
-def _tiles(window, documents: bool, row_start: int, row_stop: int, row_pos: int, key_start: int, key_stop: int, key_pos: int) -> list[_Piece]:
+def _tiles(
+    window: Window, documents: bool, row_start: int, row_stop: int, row_pos: int, key_start: int, key_stop: int, key_pos: int,
+) -> list[_Piece]:
     """Tiles of at most TILE x TILE, each skipped, whole, or masked by an explicit bias."""
     pieces = []
     for r0 in range(row_start, row_stop, TILE):

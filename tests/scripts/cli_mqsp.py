@@ -15,8 +15,9 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-import lightning_mqsp  # noqa: E402,F401  (registers "mqsp" for `strategy: mqsp`)
-from tiny_lm import TinyLM, make_samples  # noqa: E402
+from tiny_lm import TinyLM, make_samples
+
+import lightning_mqsp  # noqa: F401  (registers "mqsp" for `strategy: mqsp`)
 
 
 class TinyData(LightningDataModule):

@@ -4,9 +4,8 @@ the model's own loss (which shifts causal-LM labels itself), DDP's data-parallel
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
-
 from tiny_lm import build_model, make_samples
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 def dp_batches(samples: list, dp_size: int, batch_size: int, epoch: int = 0) -> list[list[dict]]:

@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-import lightning_mqsp  # noqa: E402,F401  (registers "mqsp")
-from lightning_mqsp import MQSPStrategy  # noqa: E402
-from tiny_lm import TinyLM, make_samples  # noqa: E402
+from tiny_lm import TinyLM, make_samples
+
+import lightning_mqsp  # noqa: F401  (registers "mqsp")
+from lightning_mqsp import MQSPStrategy
 
 BATCH_SIZE = 2
 TRAIN_SAMPLES = 8
@@ -34,6 +35,11 @@ class Recorder(Callback):
         self.losses: list[list[float]] = []
         self.logged: list[float] = []
         self.first_grads: dict[str, torch.Tensor] | None = None
+        self.samplers: list[list[int]] = []  # (sampler rank, replicas) of every global rank
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        sampler = trainer.train_dataloader.sampler
+        self.samplers = pl_module.all_gather(torch.tensor([sampler.rank, sampler.num_replicas])).tolist()
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.first_grads is None:  # DDP has averaged them over the world by now
@@ -69,7 +75,7 @@ def main() -> None:
     train = DataLoader(make_samples(args.model, TRAIN_SAMPLES), batch_size=BATCH_SIZE)
     trainer.fit(module, train, ckpt_path=args.resume)
     result: dict[str, Any] = {
-        "losses": recorder.losses, "logged": recorder.logged, "first_grads": recorder.first_grads,
+        "losses": recorder.losses, "logged": recorder.logged, "first_grads": recorder.first_grads, "samplers": recorder.samplers,
         "params": {n: p.detach().clone() for n, p in module.named_parameters()},
     }
     if args.validate:
