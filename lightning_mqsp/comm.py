@@ -153,13 +153,6 @@ def group_size(group: ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def _issue(what: str, group: ProcessGroup | None, start) -> dist.Work:
-    try:
-        return start()
-    except Exception as error:
-        raise CollectiveError(describe_failure(what, group, error)) from error
-
-
 def all_gather(x: Tensor, group: ProcessGroup | None, what: str = "all-gather") -> Pending:
     """[...] on every rank -> [P, ...] (rank order), asynchronously."""
     size = group_size(group)
@@ -168,7 +161,7 @@ def all_gather(x: Tensor, group: ProcessGroup | None, what: str = "all-gather") 
     x = x.contiguous().unsqueeze(0)
     out = x.new_empty((size, *x.shape[1:]))
     record_bytes_sent("all_gather", (size - 1) * x.numel() * x.element_size())
-    work = _issue(what, group, lambda: _all_gather_tensor(out, x, group=group, async_op=True))
+    work = _all_gather_tensor(out, x, group=group, async_op=True)
     return Pending(out, work, what, group)
 
 
@@ -180,7 +173,7 @@ def all_to_all(x: Tensor, group: ProcessGroup | None, what: str = "all-to-all") 
     x = x.contiguous()
     out = torch.empty_like(x)
     record_bytes_sent("all_to_all", (size - 1) / size * x.numel() * x.element_size())
-    work = _issue(what, group, lambda: dist.all_to_all_single(out, x, group=group, async_op=True))
+    work = dist.all_to_all_single(out, x, group=group, async_op=True)
     return Pending(out, work, what, group)
 
 
@@ -192,7 +185,7 @@ def reduce_scatter(x: Tensor, group: ProcessGroup | None, what: str = "reduce-sc
     x = x.contiguous()
     out = x.new_empty((1, *x.shape[1:]))
     record_bytes_sent("reduce_scatter", (size - 1) / size * x.numel() * x.element_size())
-    work = _issue(what, group, lambda: _reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group, async_op=True))
+    work = _reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return Pending(out[0], work, what, group)
 
 
@@ -203,7 +196,7 @@ def all_reduce(x: Tensor, group: ProcessGroup | None, what: str = "all-reduce") 
     if size == 1:
         return summed
     record_bytes_sent("all_reduce", 2 * (size - 1) / size * x.numel() * x.element_size())
-    work = _issue(what, group, lambda: dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group, async_op=True))
+    work = dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return Pending(summed, work, what, group).wait()
 
 

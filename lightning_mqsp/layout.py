@@ -21,9 +21,14 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 Run = tuple[int, int, int]
 
 
+def layout_error(layout: object) -> str | None:
+    """Why ``layout`` is not a layout, or None."""
+    return None if layout in LAYOUTS else f"layout must be one of {LAYOUTS}, got {layout!r}."
+
+
 def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    if (error := layout_error(layout)) is not None:
+        raise ValueError(error)
 
 
 def chunks_per_rank(layout: str) -> int:

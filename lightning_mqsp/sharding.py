@@ -6,18 +6,26 @@ Face ``BatchEncoding``, or a tuple/list of tensors) and, for the tensors that ho
 1. shifts causal-LM ``labels`` left by one (``labels[t] = labels[t+1]``, last = -100), so that no
    label has to cross a shard edge; the loss is then computed without a shift
    (see :mod:`lightning_mqsp.loss`);
-2. pads a length that does not divide into ``P`` (``2P`` for zigzag) equal chunks: ``input_ids``
+2. finds packed documents: from a ``document_ids`` entry, or from ``position_ids`` that restart
+   (as transformers does when the batch has no ``attention_mask``); their ids, which step up at
+   every document start, go to the strategy (``last_document_ids``), not to the model;
+3. pads a length that does not divide into ``P`` (``2P`` for zigzag) equal chunks: ``input_ids``
    with the pad token, ``attention_mask`` with 0 (created if the batch had none), ``labels``
-   with -100, everything else with 0;
-3. adds global ``position_ids`` (models would otherwise number every shard from 0);
-4. keeps this rank's chunks of every sequence tensor, by the layout.
+   with -100, everything else with 0; with documents the padding is a document of its own
+   instead of masked;
+4. adds the ``position_ids`` the model would compute on the full sequence (``position_ids_fn``,
+   e.g. RoBERTa's padding-aware ones; by default 0..L-1, restarting at every document), since
+   models would otherwise number every shard from 0;
+5. keeps this rank's chunks of every sequence tensor, by the layout.
 
-:func:`gather_sequence` is the inverse for outputs: all-gather over the group, reorder, trim.
+:func:`all_gather_sequence` is the inverse for outputs: all-gather over the group, reorder, trim;
+:func:`gather_sequence` does it for the running strategy's group (per-step metrics over the
+whole sequence).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +40,7 @@ from lightning_mqsp.layout import Layout, chunks_per_rank, shard_sequence, unsha
 #: Batch keys that hold one entry per token, [batch, sequence, ...].
 DEFAULT_SEQUENCE_KEYS: tuple[str, ...] = (
     "input_ids", "attention_mask", "token_type_ids", "labels", "position_ids",
-    "special_tokens_mask", "inputs_embeds", "loss_mask",
+    "special_tokens_mask", "inputs_embeds", "loss_mask", "document_ids",
 )
 #: The label value that losses skip (PyTorch's and Hugging Face's convention).
 IGNORE_INDEX = -100
@@ -50,9 +58,13 @@ class BatchSharder:
     sequence_keys: Sequence[str] = DEFAULT_SEQUENCE_KEYS
     pad_token_id: int = 0
     shift_labels: bool = False
+    #: Full-sequence ``input_ids`` [B, L] -> the model's own ``position_ids``; None: 0..L-1.
+    position_ids_fn: Callable[[Tensor], Tensor] | None = None
     sequence_dim: int = 1
     #: Full (unpadded) length of the last batch sharded, for trimming gathered outputs.
     last_full_length: int | None = field(default=None, init=False)
+    #: This rank's shard [B, l] of the last batch's document ids (None: one document per sequence).
+    last_document_ids: Tensor | None = field(default=None, init=False)
 
     def padded_length(self, length: int) -> int:
         parts = self.world_size * chunks_per_rank(self.layout)
@@ -80,28 +92,75 @@ class BatchSharder:
         length = self._common_length([items[k] for k in keys], keys)
         if self.shift_labels and isinstance(items.get("labels"), Tensor):
             items["labels"] = shift_left(items["labels"], self.sequence_dim)
+        documents = self._documents(items)
+        if "document_ids" in keys:  # the model does not take them: they reach attention through the strategy
+            keys.remove("document_ids")
+            del items["document_ids"]
         padded = self.padded_length(length)
         reference = items[keys[0]]
         if padded != length:
             self._log_padding(length, padded)
-            if "attention_mask" not in items:
+            if documents is None and "attention_mask" not in items:
                 items["attention_mask"] = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
                 keys.append("attention_mask")
             for key in keys:
                 items[key] = _pad(items[key], self.sequence_dim, padded - length, self._pad_value(key))
+            if documents is not None:  # the padding is one more document: nothing real attends it, or is seen by it
+                documents = torch.cat([documents, (documents[:, -1:] + 1).expand(-1, padded - length)], dim=1)
         if "position_ids" not in items:
-            items["position_ids"] = torch.arange(padded, device=reference.device).expand(reference.size(0), padded)
+            items["position_ids"] = self._positions(items, documents, padded, reference)
             keys.append("position_ids")
         for key in keys:
             items[key] = shard_sequence(items[key], self.sequence_dim, self.rank, self.world_size, self.layout)
         self.last_full_length = length
+        self.last_document_ids = None if documents is None else shard_sequence(documents, 1, self.rank, self.world_size, self.layout)
         if isinstance(batch, dict) and type(batch) is dict:
             return items
         return _rebuild_mapping(batch, items)
 
+    def _documents(self, items: dict[str, Any]) -> Tensor | None:
+        """[B, L] ids of packed documents, stepping up by one at each document start; None for one document a row.
+
+        From ``document_ids`` (a new document wherever the id changes) or, when the batch has no
+        attention mask, from ``position_ids`` that do not step by one (transformers' rule,
+        ``find_packed_sequence_indices``). Reads one bool on the host per batch.
+        """
+        explicit = items.get("document_ids")
+        if explicit is not None and "attention_mask" in items:
+            raise ValueError(
+                "MQSPStrategy: the batch has both `document_ids` and an `attention_mask`. Packed documents carry no "
+                "padding mask: drop the mask (pad a sequence with a document of its own) or the document ids."
+            )
+        if explicit is not None:
+            starts = explicit.diff(dim=self.sequence_dim) != 0
+        elif isinstance(items.get("position_ids"), Tensor) and "attention_mask" not in items:
+            starts = items["position_ids"].diff(dim=self.sequence_dim) != 1
+        else:
+            return None
+        if not bool(starts.any()):
+            return None
+        return torch.cat([torch.zeros_like(starts[:, :1], dtype=torch.long), starts.long().cumsum(dim=1)], dim=1)
+
+    def _positions(self, items: dict[str, Any], documents: Tensor | None, length: int, reference: Tensor) -> Tensor:
+        """The position ids the model computes itself on the full (padded) sequence."""
+        index = torch.arange(length, device=reference.device).expand(reference.size(0), length)
+        if documents is not None:  # count from each document's first token
+            first = torch.where(torch.cat([torch.ones_like(documents[:, :1], dtype=torch.bool), documents.diff(dim=1) != 0], dim=1),
+                                index, torch.zeros_like(index))
+            return index - first.cummax(dim=1).values
+        if self.position_ids_fn is not None and isinstance(items.get("input_ids"), Tensor):
+            return self.position_ids_fn(items["input_ids"])
+        return index
+
     def _shard_positional(self, batch: Sequence[Any]) -> list[Any]:
         # Without keys, the sequence tensors are those of the batch's sequence length; nothing says which
-        # one is a mask, so a length that does not divide cannot be padded safely.
+        # one is a mask or the labels, so a length that does not divide cannot be padded, nor labels shifted.
+        if self.shift_labels:
+            raise ValueError(
+                "MQSPStrategy must shift the labels of a causal LM before sharding (no target may cross a shard edge), "
+                "but a tuple batch does not say which tensor holds them: return a dict batch with `input_ids` and "
+                "`labels`, or, if your labels are already shifted, pass MQSPStrategy(shift_labels=False)."
+            )
         tensors = [x for x in batch if isinstance(x, Tensor) and x.dim() > self.sequence_dim]
         if not tensors:
             raise ValueError("MQSPStrategy found no [batch, sequence] tensor in the batch to shard.")
@@ -114,6 +173,7 @@ class BatchSharder:
                 f"{self.world_size * chunks_per_rank(self.layout)} yourself."
             )
         self.last_full_length = length
+        self.last_document_ids = None
         return [
             shard_sequence(x, self.sequence_dim, self.rank, self.world_size, self.layout)
             if isinstance(x, Tensor) and x.dim() > self.sequence_dim and x.size(self.sequence_dim) == length else x
@@ -162,13 +222,29 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
-def gather_sequence(x: Tensor, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1) -> Tensor:
+def all_gather_sequence(x: Tensor, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1) -> Tensor:
     """The full-length tensor from every rank's shard ``x`` (not differentiable), trimmed to ``full_length``."""
     if comm.group_size(group) == 1:
         full = x
     else:
-        full = unshard_sequence(list(comm.all_gather(x, group, "gathering predictions").wait().unbind(0)), dim, layout)
+        full = unshard_sequence(list(comm.all_gather(x.detach(), group, "gathering a sequence").wait().unbind(0)), dim, layout)
     return full if full_length is None else full.narrow(dim, 0, full_length)
+
+
+def gather_sequence(x: Tensor, dim: int = 1) -> Tensor:
+    """The full sequence of this rank's shard ``x`` ([B, l, ...] along ``dim``), on every rank of the running
+    strategy's sequence-parallel group, in order and without the strategy's padding (not differentiable).
+
+    For per-step metrics over the whole sequence: ``metric(gather_sequence(preds), gather_sequence(labels))``
+    gives every rank of the group the value one process would compute. Outside a sequence-parallel
+    run it returns ``x``.
+    """
+    from lightning_mqsp.adapters import active_context  # the adapters import this module
+
+    context = active_context()
+    if context is None or context.world_size == 1:
+        return x
+    return all_gather_sequence(x, context.group, context.layout, context.full_length, dim)
 
 
 def gather_outputs(
@@ -177,7 +253,7 @@ def gather_outputs(
     """Gather every tensor of ``outputs`` (nested dicts/tuples/ModelOutputs) that has the local sequence length at ``dim``."""
     if isinstance(outputs, Tensor):
         if outputs.dim() > dim and outputs.size(dim) == local_length:
-            return gather_sequence(outputs, group, layout, full_length, dim)
+            return all_gather_sequence(outputs, group, layout, full_length, dim)
         return outputs
     if isinstance(outputs, Mapping):
         gathered = {k: gather_outputs(v, local_length, group, layout, full_length, dim) for k, v in outputs.items()}

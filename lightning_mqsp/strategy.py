@@ -188,6 +188,7 @@ class MQSPStrategy(DDPStrategy):
         self._sharder = BatchSharder(
             rank=self.sequence_parallel_rank, world_size=self.sequence_parallel_size, layout=self.layout,
             sequence_keys=self.sequence_keys, pad_token_id=pad_token_id, shift_labels=shift_labels,
+            position_ids_fn=next((fn for m in hf_models if (fn := huggingface.position_ids_fn(m)) is not None), None),
         )
         self._audit = AttentionAudit(module)
         self._audited_steps = set()
@@ -220,7 +221,10 @@ class MQSPStrategy(DDPStrategy):
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         batch = super().batch_to_device(batch, device, dataloader_idx)
         assert self._sharder is not None, "MQSPStrategy.setup() has not run"
-        return self._sharder.shard(batch)
+        batch = self._sharder.shard(batch)
+        self.sequence_parallel.full_length = self._sharder.last_full_length
+        self.sequence_parallel.document_ids = self._sharder.last_document_ids
+        return batch
 
     @contextmanager
     def _routing(self) -> Iterator[None]:

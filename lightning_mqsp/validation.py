@@ -29,7 +29,7 @@ from torch import Tensor
 from lightning_mqsp import comm
 from lightning_mqsp.backends import accumulation_dtype, available_backends
 from lightning_mqsp.comm import ProcessGroup
-from lightning_mqsp.layout import LAYOUTS
+from lightning_mqsp.layout import LAYOUTS, layout_error
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "meta", "other")
@@ -158,8 +158,8 @@ def _settings_error(
         return f"dropout_p must be a float in [0, 1), got {dropout_p!r}."
     if micro_q_size is not None and not (_is_int(micro_q_size) and micro_q_size >= 1):  # type: ignore[operator]
         return f"micro_q_size must be a positive int (or None for automatic), got {micro_q_size!r}."
-    if layout not in LAYOUTS:
-        return f"layout must be one of {LAYOUTS}, got {layout!r}."
+    if (error := layout_error(layout)) is not None:
+        return error
     if layout == "zigzag" and query.size(2) % 2 != 0:
         return f"the zigzag layout holds two equal chunks per rank, so the local length must be even, got {query.size(2)}."
     if backend not in available_backends():

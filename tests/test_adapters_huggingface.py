@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import (
@@ -103,3 +105,64 @@ def test_outside_the_strategy_the_error_says_how_to_switch_back() -> None:
     huggingface.prepare(model)
     with pytest.raises(RuntimeError, match="set_attn_implementation\\('sdpa'\\)"):
         model(input_ids=torch.ones(1, 8, dtype=torch.long))
+
+
+def test_relative_position_bias_is_refused_at_setup() -> None:
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config(vocab_size=50, d_model=32, d_kv=8, num_layers=2, num_heads=4, d_ff=64))
+    with pytest.raises(ValueError, match="relative position bias"):
+        huggingface.prepare(model)
+
+
+class _Attention(torch.nn.Module):  # a stand-in for a transformers attention module
+    is_causal = True
+
+
+@pytest.mark.parametrize(("keyword", "value", "message"), [
+    ("s_aux", torch.zeros(2), "attention sinks"),
+    ("position_bias", torch.zeros(1, 2, 4, 4), "a relative position bias"),
+    ("encoder_hidden_states", torch.zeros(1, 4, 8), "cross-attention"),
+    ("rope_deltas", torch.zeros(1), "the attention keyword `rope_deltas`, which lightning-mqsp does not know"),
+])
+def test_attention_keywords_it_cannot_honour_are_refused_by_name(keyword: str, value: torch.Tensor, message: str) -> None:
+    q = torch.randn(1, 2, 4, 8)
+    with activate(one_rank()), pytest.raises(ValueError, match=re.escape(f"cannot run _Attention: it uses {message}")):
+        huggingface.mqsp_attention_forward(_Attention(), q, q, q, None, **{keyword: value})
+
+
+def test_known_keywords_are_honoured() -> None:
+    """sliding_window and softcap change the result exactly as the visibility model says; unset keywords are accepted."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
+    with activate(one_rank()):
+        out, weights = huggingface.mqsp_attention_forward(
+            _Attention(), q, k, v, None, scaling=0.3, sliding_window=4, softcap=2.0, s_aux=None, position_bias=None,
+            output_attentions=False, use_cache=False, position_ids=torch.arange(12)[None],
+        )
+    assert weights is None
+    positions = torch.arange(12)
+    scores = 2.0 * torch.tanh(q.double() @ k.double().transpose(-1, -2) * 0.3 / 2.0)
+    distance = positions[:, None] - positions[None, :]
+    scores = scores.masked_fill(~((distance >= 0) & (distance <= 3)), float("-inf"))  # causal, 4 keys: itself and 3 before
+    expected = (scores.softmax(-1) @ v.double()).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_mask_overlays_are_refused() -> None:
+    with pytest.raises(ValueError, match="custom mask overlay"):
+        huggingface.mqsp_mask(1, 4, 4, mask_function=lambda *a: True, attention_mask=None, use_vmap=True)
+
+
+def test_labels_the_strategy_cannot_make_exact_are_refused() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64))
+    huggingface.prepare(llama)
+    ids = torch.randint(3, 50, (1, 8))
+    with activate(one_rank()), pytest.raises(ValueError, match=r"let the strategy shift them \(MQSPStrategy\(shift_labels=True\)"):
+        llama(input_ids=ids, labels=ids)
+    shifted = SequenceParallelContext(layout="zigzag", labels_shifted=True)
+    with activate(shifted), pytest.raises(ValueError, match="num_items_in_batch"):
+        llama(input_ids=ids, labels=ids, num_items_in_batch=8)

@@ -72,15 +72,69 @@ def test_gather_outputs_single_rank_trims_padding_and_keeps_structure() -> None:
 def _gather_on_rank(layout: str) -> bool:
     import torch.distributed as dist
 
-    from lightning_mqsp.sharding import gather_sequence
+    from lightning_mqsp.sharding import all_gather_sequence
 
     full = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
     sharder = BatchSharder(dist.get_rank(), 2, layout)
     local = sharder.shard({"inputs_embeds": full})["inputs_embeds"]
-    return torch.equal(gather_sequence(local, None, layout, full_length=6), full)
+    return torch.equal(all_gather_sequence(local, None, layout, full_length=6), full)
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_gather_sequence_restores_original_order(workers, layout: str) -> None:
     assert workers(2).run(_gather_on_rank, layout) == [True, True]
+
+
+def _documents(parts: list[BatchSharder], layout: str) -> torch.Tensor:
+    return unshard_sequence([p.last_document_ids for p in parts], 1, layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_packed_documents_from_restarting_positions(layout: str) -> None:
+    """transformers' rule: without an attention mask, a position that does not step by one starts a document."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]])
+    batch = {"input_ids": torch.arange(16).view(2, 8), "position_ids": positions}
+    sharders = [BatchSharder(rank, 2, layout) for rank in range(2)]
+    parts = [s.shard(batch) for s in sharders]
+    torch.testing.assert_close(_documents(sharders, layout), torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]]))
+    torch.testing.assert_close(unshard_sequence([p["position_ids"] for p in parts], 1, layout), positions)
+    assert all("attention_mask" not in p for p in parts)
+    with_mask = [BatchSharder(rank, 2, layout) for rank in range(2)]  # with a padding mask transformers packs nothing
+    for s in with_mask:
+        s.shard({**batch, "attention_mask": torch.ones(2, 8, dtype=torch.long)})
+    assert all(s.last_document_ids is None for s in with_mask)
+
+
+def test_explicit_document_ids_restart_positions_and_pad_as_a_document() -> None:
+    batch = {"input_ids": torch.arange(6).view(1, 6), "document_ids": torch.tensor([[4, 4, 9, 9, 9, 2]])}
+    sharders = [BatchSharder(rank, 2, "zigzag") for rank in range(2)]  # 6 tokens: padded to 8
+    parts = [s.shard(batch) for s in sharders]
+    torch.testing.assert_close(_documents(sharders, "zigzag"), torch.tensor([[0, 0, 1, 1, 1, 2, 3, 3]]))
+    positions = unshard_sequence([p["position_ids"] for p in parts], 1, "zigzag")
+    torch.testing.assert_close(positions, torch.tensor([[0, 1, 0, 1, 2, 0, 0, 1]]))
+    assert all("document_ids" not in p and "attention_mask" not in p for p in parts)  # the model takes neither
+
+
+def test_document_ids_with_a_padding_mask_are_refused() -> None:
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4), "document_ids": torch.zeros(1, 4)}
+    with pytest.raises(ValueError, match="both `document_ids` and an `attention_mask`"):
+        BatchSharder(0, 2, "contiguous").shard(batch)
+
+
+def test_positions_are_the_models_own() -> None:
+    """RoBERTa numbers real tokens from padding_idx + 1: the strategy adds exactly the positions the model computes."""
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+
+    from lightning_mqsp.adapters.huggingface import padding_aware_positions
+
+    ids = torch.tensor([[5, 6, 7, 1, 1, 1], [8, 1, 9, 9, 9, 9]])  # padding_idx 1
+    parts = [BatchSharder(r, 2, "zigzag", position_ids_fn=lambda i: padding_aware_positions(i, 1)).shard({"input_ids": ids})
+             for r in range(2)]
+    positions = unshard_sequence([p["position_ids"] for p in parts], 1, "zigzag")[:, :6]
+    torch.testing.assert_close(positions, RobertaEmbeddings.create_position_ids_from_input_ids(ids, 1))
+
+
+def test_tuple_batches_of_causal_lms_are_refused() -> None:
+    with pytest.raises(ValueError, match="a tuple batch does not say which tensor holds them"):
+        BatchSharder(0, 2, "contiguous", shift_labels=True).shard((torch.ones(1, 4), torch.ones(1, 4)))

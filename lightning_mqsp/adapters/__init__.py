@@ -46,6 +46,10 @@ class SequenceParallelContext:
     world_size: int = 1
     #: Whether the strategy shifted causal-LM labels before sharding (read by ``causal_lm_cross_entropy``).
     labels_shifted: bool = False
+    #: The current batch: its full length before padding, and this rank's shard [B, l] of its packed
+    #: documents' ids (None: one document per sequence). Set by the strategy for every batch.
+    full_length: int | None = None
+    document_ids: Tensor | None = None
     #: Attention calls routed through MQSP since activation; read by :class:`AttentionAudit`.
     attention_calls: int = 0
 
