@@ -47,14 +47,27 @@ class CustomAttention(SelfAttention):
         return sequence_parallel_attention(q, k, v, causal=self.causal).transpose(1, 2).reshape(b, s, d)
 
 
-def _routed_on_rank(causal: bool, layout: str) -> float:
+class CheckpointedAttention(SelfAttention):
+    """The same block under torch.utils.checkpoint: its SDPA call runs again during backward."""
+
+    reentrant = False
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(super().forward, x, key_mask, use_reentrant=self.reentrant)
+
+
+class ReentrantCheckpointedAttention(CheckpointedAttention):
+    reentrant = True
+
+
+def _routed_on_rank(causal: bool, layout: str, checkpointed: str = "") -> float:
     import torch.distributed as dist
 
     from lightning_mqsp import shard_sequence
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    block = SelfAttention(causal=causal)
+    block = {"": SelfAttention, "reentrant": ReentrantCheckpointedAttention, "non-reentrant": CheckpointedAttention}[checkpointed](causal=causal)
     x = torch.randn(2, 16, 16, requires_grad=True)
     key_mask = torch.rand(2, 16, generator=torch.Generator().manual_seed(1)) > 0.3
     expected = block(x, key_mask)
@@ -62,18 +75,22 @@ def _routed_on_rank(causal: bool, layout: str) -> float:
     expected_grad = block.qkv.weight.grad.clone()
     block.zero_grad()
     context = SequenceParallelContext(group=None, rank=rank, world_size=world, layout=layout)
-    with RouteScaledDotProductAttention(context):
-        local = block(shard_sequence(x.detach(), 1, rank, world, layout), shard_sequence(key_mask, 1, rank, world, layout))
-    local.square().sum().backward()
+    with RouteScaledDotProductAttention(context):  # as MQSPStrategy routes the step and its backward
+        local_x = shard_sequence(x.detach(), 1, rank, world, layout).requires_grad_()  # reentrant checkpointing needs it
+        local = block(local_x, shard_sequence(key_mask, 1, rank, world, layout))
+        local.square().sum().backward()
     dist.all_reduce(block.qkv.weight.grad)  # weight gradients are summed over the group, as DDP does (up to 1/world)
     error = (local - shard_sequence(expected.detach(), 1, rank, world, layout)).abs().max().item()
-    return max(error, (block.qkv.weight.grad - expected_grad).abs().max().item(), 0 if context.attention_calls == 1 else 1)
+    routed_calls = 2 if checkpointed else 1  # the checkpointed block runs attention again in backward
+    return max(error, (block.qkv.weight.grad - expected_grad).abs().max().item(), 0 if context.attention_calls == routed_calls else 1)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("causal", "layout"), [(False, "contiguous"), (True, "zigzag")])
-def test_sdpa_routed_exactly_over_two_ranks(workers, causal: bool, layout: str) -> None:
-    assert max(workers(2).run(_routed_on_rank, causal, layout)) < 1e-5  # fp32 (MQSP merges in fp32)
+@pytest.mark.parametrize(("causal", "layout", "checkpointed"), [
+    (False, "contiguous", ""), (True, "zigzag", ""), (True, "zigzag", "non-reentrant"), (False, "contiguous", "reentrant"),
+])
+def test_sdpa_routed_exactly_over_two_ranks(workers, causal: bool, layout: str, checkpointed: str) -> None:
+    assert max(workers(2).run(_routed_on_rank, causal, layout, checkpointed)) < 1e-5  # fp32 (MQSP merges in fp32)
 
 
 def test_square_mask_cannot_be_split() -> None:

@@ -1,22 +1,30 @@
 """Plain PyTorch models: ``F.scaled_dot_product_attention`` routed to ``mqsp_attention``.
 
-While the strategy runs a step, :class:`RouteScaledDotProductAttention` (a ``TorchFunctionMode``)
-intercepts every call to ``torch.nn.functional.scaled_dot_product_attention`` in the model's
-forward and computes it over the whole sequence with MQSP, without editing the model. The
-call must use [B, H, S_local, D] tensors and a mask MQSP can keep local: ``None``, or a
-key-padding mask broadcast over heads and queries ([B, 1, 1, S] or [B, S]; bool True = attend,
-or additive 0 / -inf).
+While the strategy runs a step or its backward, :class:`RouteScaledDotProductAttention` puts a
+routing function in place of ``torch.nn.functional.scaled_dot_product_attention``, so every call
+made through the module (``F.scaled_dot_product_attention(...)``) is computed over the whole
+sequence with MQSP, without editing the model. The call must use [B, H, S_local, D] tensors and
+a mask MQSP can keep local: ``None``, or a key-padding mask broadcast over heads and queries
+([B, 1, 1, S] or [B, S]; bool True = attend, or additive 0 / -inf).
+
+Why a swapped module attribute rather than a ``TorchFunctionMode``: the autograd engine runs
+activation checkpointing's recompute with no function mode active, so a mode would route the
+forward but not the recompute, and reentrant checkpointing would then silently compute local
+attention in backward. The swapped attribute is seen by forward and recompute alike. A model
+that imported the function by name (``from torch.nn.functional import
+scaled_dot_product_attention``) is not routed, in either: the strategy's attention audit fails
+its first step with a message that says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from types import TracebackType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from lightning_mqsp.adapters import SequenceParallelContext
 
@@ -55,15 +63,24 @@ def routed_sdpa(
     )
 
 
-class RouteScaledDotProductAttention(TorchFunctionMode):
-    """Inside ``with RouteScaledDotProductAttention(context):``, SDPA calls run MQSP over ``context``'s group."""
+class RouteScaledDotProductAttention:
+    """Inside ``with RouteScaledDotProductAttention(context):``, ``F.scaled_dot_product_attention`` runs MQSP over
+    ``context``'s group (nested uses restore what they found)."""
 
     def __init__(self, context: SequenceParallelContext) -> None:
-        super().__init__()
         self.context = context
+        self._replaced: list[Any] = []
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
+    def __enter__(self) -> RouteScaledDotProductAttention:
+        original = F.scaled_dot_product_attention
+
+        @functools.wraps(original)
+        def routed(*args: Any, **kwargs: Any) -> Tensor:
             return routed_sdpa(self.context, *args, **kwargs)
-        return func(*args, **kwargs)
+
+        self._replaced.append(original)
+        F.scaled_dot_product_attention = routed
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        F.scaled_dot_product_attention = self._replaced.pop()
