@@ -67,7 +67,8 @@ def _routed_on_rank(causal: bool, layout: str, checkpointed: str = "") -> float:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    block = {"": SelfAttention, "reentrant": ReentrantCheckpointedAttention, "non-reentrant": CheckpointedAttention}[checkpointed](causal=causal)
+    blocks = {"": SelfAttention, "reentrant": ReentrantCheckpointedAttention, "non-reentrant": CheckpointedAttention}
+    block = blocks[checkpointed](causal=causal)
     x = torch.randn(2, 16, 16, requires_grad=True)
     key_mask = torch.rand(2, 16, generator=torch.Generator().manual_seed(1)) > 0.3
     expected = block(x, key_mask)
