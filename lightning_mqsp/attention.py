@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -386,53 +386,86 @@ def mqsp_attention(
     if membership_error is not None:
         raise ValueError(f"mqsp_attention: {membership_error}")
     query, key, value = _follow_autocast(query, key, value)
-    world_size = comm.group_size(group)
+    arguments = _Arguments(key_padding_mask, causal, window, document_ids, softcap, layout, scale, dropout_p, micro_q_size, backend)
+    if comm.group_size(group) == 1:
+        return _attend_locally(query, key, value, arguments)
+    return _attend_across_ranks(query, key, value, group, arguments)
+
+
+@dataclass(frozen=True)
+class _Arguments:
+    """``mqsp_attention``'s keyword arguments, as the caller passed them."""
+
+    key_padding_mask: Tensor | None
+    causal: bool
+    window: tuple[int | None, int | None] | None
+    document_ids: Tensor | None
+    softcap: float | None
+    layout: Layout
+    scale: float | None
+    dropout_p: float
+    micro_q_size: int | None
+    backend: str
+
+
+def _plan(
+    query: Tensor, key: Tensor, value: Tensor, arguments: _Arguments, group: ProcessGroup | None, world_size: int, rank: int,
+) -> tuple[_Plan | None, _Masks | None, Signature | None, str | None]:
+    """The call's plan, masks and signature, or what is wrong with this rank's arguments (never raises)."""
+    a = arguments
     error = local_input_error(
-        query, key, value, key_padding_mask=key_padding_mask, document_ids=document_ids, causal=causal, window=window,
-        softcap=softcap, layout=layout, scale=scale, dropout_p=dropout_p, micro_q_size=micro_q_size, backend=backend,
+        query, key, value, key_padding_mask=a.key_padding_mask, document_ids=a.document_ids, causal=a.causal, window=a.window,
+        softcap=a.softcap, layout=a.layout, scale=a.scale, dropout_p=a.dropout_p, micro_q_size=a.micro_q_size, backend=a.backend,
     )
-    plan = masks = signature = None
-    if error is None:
-        rank = dist.get_rank(group) if world_size > 1 else 0
-        local_length = query.size(2)
-        masks = _Masks(
-            positions=all_positions(local_length, world_size, layout, query.device),
-            key_padding_mask=key_padding_mask, documents=document_ids, dropout_seed=None,
-        )
-        resolved_window = Window.of(causal, window)
-        try:
-            chosen = resolve_backend(backend, query, Visibility(
-                masks.positions[rank], masks.positions[rank], (), (), window=resolved_window,
-                softcap=softcap, dropout_p=dropout_p,
-            ))
-        except ValueError as unsupported:
-            error = str(unsupported)
-        else:
-            plan = _Plan(
-                group=group, world_size=world_size, rank=rank, backend=chosen, layout=layout, local_length=local_length,
-                micro_q_size=micro_q_size or auto_micro_q_size(local_length, world_size), window=resolved_window,
-                softcap=None if softcap is None else float(softcap), scale=float(scale) if scale is not None else query.size(-1) ** -0.5,
-                dropout_p=float(dropout_p),
-            )
-            signature = Signature.of(
-                query, key, layout=layout, window=(resolved_window.left, resolved_window.right),
-                has_key_padding_mask=key_padding_mask is not None, has_document_ids=document_ids is not None,
-                micro_q_size=plan.micro_q_size, backend=chosen.name, scale=plan.scale, softcap=plan.softcap,
-                dropout_p=plan.dropout_p,
-                needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
-            )
-    if world_size > 1:
-        check_across_ranks(group, error, signature)
-    elif error is not None:
+    if error is not None:
+        return None, None, None, error
+    local_length = query.size(2)
+    masks = _Masks(all_positions(local_length, world_size, a.layout, query.device), a.key_padding_mask, a.document_ids, None)
+    window = Window.of(a.causal, a.window)
+    try:
+        chosen = resolve_backend(a.backend, query, Visibility(
+            masks.positions[rank], masks.positions[rank], (), (), window=window, softcap=a.softcap, dropout_p=a.dropout_p,
+        ))
+    except ValueError as unsupported:
+        return None, None, None, str(unsupported)
+    plan = _Plan(
+        group=group, world_size=world_size, rank=rank, backend=chosen, layout=a.layout, local_length=local_length,
+        micro_q_size=a.micro_q_size or auto_micro_q_size(local_length, world_size), window=window,
+        softcap=None if a.softcap is None else float(a.softcap), scale=float(a.scale) if a.scale is not None else query.size(-1) ** -0.5,
+        dropout_p=float(a.dropout_p),
+    )
+    signature = Signature.of(
+        query, key, layout=a.layout, window=(window.left, window.right), has_key_padding_mask=a.key_padding_mask is not None,
+        has_document_ids=a.document_ids is not None, micro_q_size=plan.micro_q_size, backend=chosen.name, scale=plan.scale,
+        softcap=plan.softcap, dropout_p=plan.dropout_p,
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
+    )
+    return plan, masks, signature, None
+
+
+def _attend_locally(query: Tensor, key: Tensor, value: Tensor, arguments: _Arguments) -> Tensor:
+    """One rank, or no process group: the local kernel once (traceable: torch.compile(fullgraph=True) works)."""
+    plan, masks, _, error = _plan(query, key, value, arguments, None, 1, 0)
+    if error is not None:
         raise ValueError(f"mqsp_attention: {error}")
     assert plan is not None and masks is not None
-    if document_ids is not None and world_size > 1:
-        masks = _Masks(masks.positions, key_padding_mask,
-                       comm.all_gather(document_ids, group, "mqsp_attention: the all-gather of document ids").wait(), None)
-    elif document_ids is not None:
-        masks = _Masks(masks.positions, key_padding_mask, document_ids.unsqueeze(0), None)
-    if dropout_p > 0:
+    documents = None if arguments.document_ids is None else arguments.document_ids.unsqueeze(0)
+    seed = draw_seed(query.device) if plan.dropout_p > 0 else None
+    return _LocalAttention.apply(query, key, value, replace(masks, documents=documents, dropout_seed=seed), plan)
+
+
+# torch.compile: the communicating part is one opaque call (a single graph break per attention layer),
+# rather than a traced loop of async collectives that would break the graph, and recompile, at every micro-step.
+@torch.compiler.disable
+def _attend_across_ranks(query: Tensor, key: Tensor, value: Tensor, group: ProcessGroup | None, arguments: _Arguments) -> Tensor:
+    """P ranks: the inputs checked together, document ids and the dropout seed shared, then the micro-steps."""
+    plan, masks, signature, error = _plan(query, key, value, arguments, group, comm.group_size(group), dist.get_rank(group))
+    check_across_ranks(group, error, signature)
+    assert plan is not None and masks is not None
+    if arguments.document_ids is not None:
+        documents = comm.all_gather(arguments.document_ids, group, "mqsp_attention: the all-gather of document ids").wait()
+        masks = replace(masks, documents=documents)
+    if plan.dropout_p > 0:
         seed = comm.all_gather(draw_seed(query.device), group, "mqsp_attention: the all-gather of the dropout seed").wait()[0]
-        masks = _Masks(masks.positions, masks.key_padding_mask, masks.documents, seed)
-    function = _LocalAttention if world_size == 1 else _MQSPAttention
-    return function.apply(query, key, value, masks, plan)
+        masks = replace(masks, dropout_seed=seed)
+    return _MQSPAttention.apply(query, key, value, masks, plan)

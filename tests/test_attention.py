@@ -285,3 +285,104 @@ def test_large_common_score_offset_keeps_float32_precision(workers) -> None:
     """The merged rows are as precise as single-process float32 SDPA's (within 3x), not 10-1000x worse."""
     for errors in workers(2).run(run_large_offset, "reference"):
         assert errors["out"] <= 3 and errors["dq"] <= 3, errors
+
+
+class _HostReadError(AssertionError):
+    pass
+
+
+def _forbid_host_reads() -> list:
+    """Make every way of reading a tensor's value on the host raise; return what to restore."""
+    saved = []
+    for name in ("item", "tolist", "__bool__", "nonzero", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def forbidden(*args, _name=name, **kwargs):
+            raise _HostReadError(f"Tensor.{_name} called on the hot path")
+
+        saved.append((name, original))
+        setattr(torch.Tensor, name, forbidden)
+    return saved
+
+
+def run_without_host_reads(backend: str, case: Case) -> bool:
+    """A first call checks its new signature (it may read the exchanged metadata); a repeated call with the same
+    signature reads no tensor value on the host, in forward or backward."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    inputs = make_inputs(case)
+    shard = {n: shard_sequence(t, 1 if n in ("mask", "documents") else 2, rank, world_size, case.layout) for n, t in inputs.items()}
+
+    def call() -> None:
+        q, k, v = (shard[n].clone().requires_grad_() for n in "qkv")
+        out = mqsp_attention(q, k, v, key_padding_mask=shard.get("mask"), causal=case.causal, layout=case.layout,
+                             window=case.window, document_ids=shard.get("documents"), micro_q_size=case.micro_q_size, backend=backend)
+        out.backward(shard["dout"])
+
+    call()
+    saved = _forbid_host_reads()
+    try:
+        call()
+    finally:
+        for name, original in saved:
+            setattr(torch.Tensor, name, original)
+    return True
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu_flash"])
+@pytest.mark.parametrize("case", [
+    Case(2, causal=True, layout="zigzag", padding="random", micro_q_size=5),
+    Case(2, layout="contiguous", window=(6, 6), documents=True, padding="random", micro_q_size=7),
+], ids=str)
+def test_a_repeated_call_reads_nothing_on_the_host(workers, backend: str, case: Case) -> None:
+    assert workers(2).run(run_without_host_reads, backend, case) == [True, True]
+
+
+def test_one_rank_compiles_into_one_graph() -> None:
+    """P = 1: torch.compile(fullgraph=True) traces mqsp_attention whole, forward and backward, and computes the same."""
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: mqsp_attention(q, k, v, causal=True, window=(9, None)), fullgraph=True)
+    out = compiled(q, k, v)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected = mqsp_attention(q, k, v, causal=True, window=(9, None))
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for actual, reference in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(actual, reference)
+
+
+def compile_across_ranks(micro_q_size: int) -> tuple[int, int, list[str], list[int]]:
+    """A block around mqsp_attention, compiled at P = 2: graphs, breaks and their reasons, and the count of
+    graphs compiled after one and after three forward and backward calls."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    projection = torch.nn.Linear(16, 16)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        q = projection(x).view(1, x.size(1), 2, 8).transpose(1, 2)
+        return mqsp_attention(q, q, q, causal=True, layout="zigzag", micro_q_size=micro_q_size).transpose(1, 2).sum()
+
+    x = shard_sequence(torch.randn(1, 16, 16), 1, rank, world_size, "zigzag")
+    explanation = torch._dynamo.explain(block)(x)
+    reasons = sorted({str(b.reason).splitlines()[0] for b in explanation.break_reasons})
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(block)
+    compiled_graphs = []
+    for _ in range(3):
+        compiled(x).backward()
+        compiled_graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    return explanation.graph_count, explanation.graph_break_count, reasons, compiled_graphs
+
+
+@pytest.mark.parametrize("micro_q_size", [8, 1])  # one micro-step, and eight
+def test_compiled_across_ranks_the_graph_breaks_only_around_the_collectives(workers, micro_q_size: int) -> None:
+    """P = 2: the communicating part of mqsp_attention is one opaque call: one graph break per attention call
+    (two graphs around it), whatever the number of micro-steps, and nothing is compiled again on later calls."""
+    for graphs, breaks, reasons, compiled_graphs in workers(2).run(compile_across_ranks, micro_q_size, timeout=240):
+        assert (graphs, breaks) == (2, 1), reasons
+        assert reasons == ["Skip calling `torch.compiler.disable()`d function"], reasons
+        assert compiled_graphs[0] == compiled_graphs[-1] == 2, compiled_graphs
