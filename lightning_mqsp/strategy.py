@@ -1,47 +1,28 @@
 """``MQSPStrategy``: DDP across sequence-parallel groups, each of which splits every sequence.
 
-The world of ``dp x sp`` processes is a device mesh ``("data_parallel", "sequence_parallel")``
-(:mod:`lightning_mqsp.mesh`); the ``sp`` ranks of a group are consecutive (one node by default,
-where the links are fast). All ranks of a group load the same samples (the sampler is keyed by
-the data-parallel rank), each keeps its shard of every sequence (:mod:`lightning_mqsp.sharding`),
-and attention is computed exactly over the whole sequence by
-:func:`~lightning_mqsp.mqsp_attention` (:mod:`lightning_mqsp.adapters`). Parameters stay
-replicated and DDP averages gradients over the whole world; with the full-sequence loss of
-:mod:`lightning_mqsp.loss` on every rank, that average is the exact data-parallel gradient, and
-checkpoints are ordinary DDP checkpoints.
+Parameters, gradients and optimizer state are replicated; DDP averages gradients over the whole
+``dp x sp`` world, which with the full-sequence loss on every rank is the exact data-parallel
+gradient, and checkpoints are ordinary DDP checkpoints. The sequence parallelism itself lives in
+:class:`~lightning_mqsp.sequence_parallel.SequenceParallelism`; for sharded parameters see
+:class:`~lightning_mqsp.MQSPFSDPStrategy`.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
-from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info
-from torch import Tensor
-from torch.distributed.device_mesh import DeviceMesh
-from torch.optim import Optimizer
-from typing_extensions import override
 
-from lightning_mqsp import comm
-from lightning_mqsp.adapters import AttentionAudit, SequenceParallelContext, activate, huggingface, reject_unroutable_modules
-from lightning_mqsp.adapters.sdpa import RouteScaledDotProductAttention
-from lightning_mqsp.comm import ProcessGroup
-from lightning_mqsp.layout import Layout, check_layout
-from lightning_mqsp.mesh import DEFAULT_SEQUENCE_PARALLEL_TIMEOUT, check_sizes, sequence_parallel_mesh
-from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS, BatchSharder, gather_outputs
-
-_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+from lightning_mqsp.layout import Layout
+from lightning_mqsp.mesh import DEFAULT_SEQUENCE_PARALLEL_TIMEOUT
+from lightning_mqsp.sequence_parallel import SequenceParallelism
+from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS
 
 
-class MQSPStrategy(DDPStrategy):
-    """Micro-Query Sequence Parallelism: exact attention over sequences split across ranks.
+class MQSPStrategy(SequenceParallelism, DDPStrategy):
+    """Micro-Query Sequence Parallelism with replicated parameters (DDP across sequence-parallel groups).
 
     Args:
         sequence_parallel_size: ranks per sequence-parallel group. Default: the processes of one
@@ -59,7 +40,12 @@ class MQSPStrategy(DDPStrategy):
             token over the group yourself).
         sequence_parallel_timeout: seconds (or a ``timedelta``) a collective of a sequence-parallel
             group waits for a missing rank before every waiting rank fails with an error that names
-            the attention call (default 600). The data-parallel gradient reduction keeps DDP's ``timeout``.
+            the attention call (default 600). Gradient reduction keeps the strategy's ``timeout``.
+        activation_checkpointing: recompute every Hugging Face decoder layer in backward instead of
+            keeping its activations (``gradient_checkpointing_enable``, non-reentrant).
+        offload_activations: keep what the forward saves for backward (with activation
+            checkpointing: the layers' input hidden states) in host memory, pinned on a GPU
+            (``torch.autograd.graph.save_on_cpu``), and bring it back in backward.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -76,200 +62,12 @@ class MQSPStrategy(DDPStrategy):
         shift_labels: bool | None = None,
         allow_sequence_pooling: bool = False,
         sequence_parallel_timeout: float | datetime.timedelta = DEFAULT_SEQUENCE_PARALLEL_TIMEOUT,
+        activation_checkpointing: bool = False,
+        offload_activations: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_layout(layout)
-        if sequence_parallel_size is not None and sequence_parallel_size < 1:
-            raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size}.")
-        if not isinstance(sequence_parallel_timeout, datetime.timedelta):
-            sequence_parallel_timeout = datetime.timedelta(seconds=sequence_parallel_timeout)
-        if sequence_parallel_timeout.total_seconds() <= 0:
-            raise ValueError(f"sequence_parallel_timeout must be positive, got {sequence_parallel_timeout}.")
-        self._sequence_parallel_size = sequence_parallel_size
-        self.sequence_parallel_timeout = sequence_parallel_timeout
-        #: The one object that carries the sequence-parallel settings to every attention call.
-        self.sequence_parallel = SequenceParallelContext(layout=layout, micro_q_size=micro_q_size, backend=attention_backend)
-        self.sequence_keys = tuple(sequence_keys)
-        self.pad_token_id = pad_token_id
-        self.shift_labels = shift_labels
-        self.allow_sequence_pooling = allow_sequence_pooling
-        self._device_mesh: DeviceMesh | None = None
-        self._sharder: BatchSharder | None = None
-        self._undo_model_patches: list[Callable[[], None]] = []
-        self._audit: AttentionAudit | None = None
-        self._audited_steps: set[str] = set()
-
-    # -- sizes and the mesh ---------------------------------------------------------------
-
-    @property
-    def layout(self) -> Layout:
-        return self.sequence_parallel.layout
-
-    @property
-    def micro_q_size(self) -> int | None:
-        return self.sequence_parallel.micro_q_size
-
-    @property
-    def attention_backend(self) -> str:
-        return self.sequence_parallel.backend
-
-    @property
-    def sequence_parallel_size(self) -> int:
-        return self._sequence_parallel_size or self.num_processes
-
-    @property
-    def data_parallel_size(self) -> int:
-        return self.world_size // self.sequence_parallel_size
-
-    @property
-    def device_mesh(self) -> DeviceMesh:
-        if self._device_mesh is None:
-            raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
-        return self._device_mesh
-
-    @property
-    def sequence_parallel_group(self) -> ProcessGroup:
-        return self.device_mesh["sequence_parallel"].get_group()
-
-    @property
-    def sequence_parallel_rank(self) -> int:
-        return self.device_mesh["sequence_parallel"].get_local_rank()
-
-    @property
-    def data_parallel_rank(self) -> int:
-        return self.device_mesh["data_parallel"].get_local_rank()
-
-    @override
-    def _configure_launcher(self) -> None:
-        # Called in the launching process when the Trainer is built: fail before any process starts.
-        check_sizes(self.num_nodes * self.num_processes, self.sequence_parallel_size)
-        super()._configure_launcher()
-
-    @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        self._device_mesh = sequence_parallel_mesh(self.root_device.type, self.sequence_parallel_size, self.sequence_parallel_timeout)
-        context = self.sequence_parallel
-        context.group, context.rank, context.world_size = (
-            self.sequence_parallel_group, self.sequence_parallel_rank, self.sequence_parallel_size,
+        self._configure_sequence_parallelism(
+            sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
+            allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations,
         )
-        rank_zero_debug(f"MQSPStrategy: device mesh {self._device_mesh}, sequence-parallel timeout {self.sequence_parallel_timeout}.")
-        # The LightningModule sees it as `self.device_mesh`, as under ModelParallelStrategy.
-        assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every rank of a sequence-parallel group must load the same samples.
-        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
-
-    # -- model -----------------------------------------------------------------------------
-
-    @override
-    def setup(self, trainer: Trainer) -> None:
-        module = self.lightning_module
-        assert module is not None
-        self._prepare_model(module)
-        super().setup(trainer)
-
-    def _prepare_model(self, module: LightningModule) -> None:
-        reject_unroutable_modules(module)
-        self._undo_model_patches = huggingface.prepare(module, self.allow_sequence_pooling)
-        hf_models = huggingface.huggingface_models(module)
-        shift_labels = self.shift_labels
-        if shift_labels is None:
-            shift_labels = any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in hf_models)
-        self.sequence_parallel.labels_shifted = shift_labels
-        pad_token_id = self.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = next((m.config.pad_token_id for m in hf_models if m.config.pad_token_id is not None), 0)
-        self._sharder = BatchSharder(
-            rank=self.sequence_parallel_rank, world_size=self.sequence_parallel_size, layout=self.layout,
-            sequence_keys=self.sequence_keys, pad_token_id=pad_token_id, shift_labels=shift_labels,
-            position_ids_fn=next((fn for m in hf_models if (fn := huggingface.position_ids_fn(m)) is not None), None),
-        )
-        self._audit = AttentionAudit(module)
-        self._audited_steps = set()
-        rank_zero_info(
-            f"MQSPStrategy: {self.data_parallel_size} data-parallel x {self.sequence_parallel_size} sequence-parallel ranks, "
-            f"{self.layout} layout{', causal-LM labels shifted before sharding' if shift_labels else ''}."
-        )
-
-    @override
-    def teardown(self) -> None:
-        for undo in self._undo_model_patches:
-            undo()
-        self._undo_model_patches = []
-        super().teardown()
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        # Peers blocked in a collective with this rank fail when it exits; this lets them name it and why.
-        comm.report_failure(exception)
-        # A broken sequence-parallel group cannot recover, and a peer that hangs outside a collective would
-        # outlive this process: the launching process ends the processes it started (Lightning does so
-        # only on KeyboardInterrupt).
-        if isinstance(exception, comm.CollectiveError) and isinstance(self.launcher, _SubprocessScriptLauncher):
-            self.launcher.kill(_get_sigkill_signal())
-        super().on_exception(exception)
-
-    # -- batches and steps -----------------------------------------------------------------
-
-    @override
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        batch = super().batch_to_device(batch, device, dataloader_idx)
-        assert self._sharder is not None, "MQSPStrategy.setup() has not run"
-        batch = self._sharder.shard(batch)
-        self.sequence_parallel.full_length = self._sharder.last_full_length
-        self.sequence_parallel.document_ids = self._sharder.last_document_ids
-        return batch
-
-    @contextmanager
-    def _routing(self) -> Iterator[None]:
-        """Attention calls go through MQSP: in steps, and in backward, where activation checkpointing recomputes them."""
-        with activate(self.sequence_parallel), RouteScaledDotProductAttention(self.sequence_parallel):
-            yield
-
-    @contextmanager
-    def _sequence_parallel_step(self, step_name: str) -> Iterator[None]:
-        """Route attention for the step; on the first step of each kind, audit that it was routed."""
-        assert self._audit is not None
-        with self._routing():
-            if step_name in self._audited_steps:
-                yield
-                return
-            with self._audit.audit(self.sequence_parallel, step_name):
-                yield
-            self._audited_steps.add(step_name)
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._sequence_parallel_step("training_step"):
-            return super().training_step(*args, **kwargs)
-
-    @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        with self._routing():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    @override
-    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._sequence_parallel_step("validation_step"):
-            return super().validation_step(*args, **kwargs)
-
-    @override
-    def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._sequence_parallel_step("test_step"):
-            return super().test_step(*args, **kwargs)
-
-    @override
-    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        """The step's outputs with every [batch, local sequence, ...] tensor gathered back to full length, in order."""
-        with self._sequence_parallel_step("predict_step"):
-            outputs = super().predict_step(*args, **kwargs)
-        assert self._sharder is not None and self._sharder.last_full_length is not None
-        full_length = self._sharder.last_full_length
-        local_length = self._sharder.padded_length(full_length) // self.sequence_parallel_size
-        return gather_outputs(outputs, local_length, self.sequence_parallel_group, self.layout, full_length)
