@@ -6,7 +6,13 @@ from lightning_mqsp.adapters import sequence_parallel_attention
 from lightning_mqsp.attention import auto_micro_q_size, mqsp_attention
 from lightning_mqsp.comm import CollectiveError, CommCounter, count_communication
 from lightning_mqsp.layout import global_positions, shard_sequence, unshard_sequence
-from lightning_mqsp.loss import causal_lm_cross_entropy, sequence_parallel_cross_entropy, sequence_parallel_loss
+from lightning_mqsp.loss import (
+    causal_lm_cross_entropy,
+    chunked_causal_lm_cross_entropy,
+    chunked_cross_entropy,
+    sequence_parallel_cross_entropy,
+    sequence_parallel_loss,
+)
 from lightning_mqsp.sharding import gather_sequence
 from lightning_mqsp.strategy import MQSPStrategy
 
@@ -22,6 +28,8 @@ __all__ = [
     "MQSPStrategy",
     "auto_micro_q_size",
     "causal_lm_cross_entropy",
+    "chunked_causal_lm_cross_entropy",
+    "chunked_cross_entropy",
     "count_communication",
     "gather_sequence",
     "global_positions",

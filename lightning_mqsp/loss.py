@@ -20,9 +20,12 @@ labels itself only when no strategy did, so one LightningModule is right under e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from lightning_mqsp import comm
 from lightning_mqsp.adapters import active_context
@@ -52,7 +55,12 @@ def sequence_parallel_loss(token_losses: Tensor, valid: Tensor, group: ProcessGr
         A scalar, identical on every rank of the group (0 if no token is valid anywhere).
     """
     total = torch.where(valid, token_losses, torch.zeros_like(token_losses)).sum()
-    count = valid.sum().to(total.dtype)
+    return _full_sequence_mean(total, valid.sum(), group)
+
+
+def _full_sequence_mean(total: Tensor, count: Tensor, group: ProcessGroup | None) -> Tensor:
+    """This rank's loss sum and token count -> the group's sum over the group's count (0 if no token counts)."""
+    count = count.to(total.dtype)
     reduce, group = _sequence_group(group)
     if reduce:
         total = comm.differentiable_all_reduce(total, group, "the sequence-parallel loss's sum")
@@ -68,10 +76,7 @@ def sequence_parallel_cross_entropy(
     Equals ``F.cross_entropy(full_logits.flatten(0, -2), full_labels.flatten(), ignore_index=...)``
     of the unsharded sequence on every rank of the group.
     """
-    flat_logits = logits.flatten(0, -2)
-    if flat_logits.dtype in (torch.float16, torch.bfloat16):  # the log-softmax over the vocabulary wants float32
-        flat_logits = flat_logits.float()
-    token_losses = F.cross_entropy(flat_logits, labels.flatten(), ignore_index=ignore_index, reduction="none")
+    token_losses = F.cross_entropy(_at_least_float32(logits.flatten(0, -2)), labels.flatten(), ignore_index=ignore_index, reduction="none")
     return sequence_parallel_loss(token_losses, labels.flatten() != ignore_index, group)
 
 
@@ -83,7 +88,54 @@ def causal_lm_cross_entropy(
     Under :class:`~lightning_mqsp.MQSPStrategy` the labels were shifted before sharding; anywhere
     else (one device, plain DDP) they are shifted here. Equals the Hugging Face causal-LM loss.
     """
+    return sequence_parallel_cross_entropy(logits, _next_token_labels(labels), ignore_index, group)
+
+
+def _next_token_labels(labels: Tensor) -> Tensor:
+    """The target of each position: the labels as they are if the strategy shifted them before sharding, else shifted here."""
     context = active_context()
-    if context is None or not context.labels_shifted:
-        labels = shift_left(labels)
-    return sequence_parallel_cross_entropy(logits, labels, ignore_index, group)
+    return labels if context is not None and context.labels_shifted else shift_left(labels)
+
+
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """The log-softmax over the vocabulary wants float32: half-precision logits are upcast, float64 stay."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _chunk_loss_sum(head: Callable[[Tensor], Tensor], hidden_states: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    return F.cross_entropy(_at_least_float32(head(hidden_states)), labels, ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden_states: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, chunk_size: int = 4096,
+    ignore_index: int = IGNORE_INDEX, group: ProcessGroup | None = None,
+) -> Tensor:
+    """``sequence_parallel_cross_entropy(head(hidden_states), labels)`` without the logits of every token at once.
+
+    The output head (e.g. a model's ``lm_head``, or ``get_output_embeddings()``) runs on ``chunk_size``
+    tokens of this rank's shard at a time, in forward and again, one chunk at a time, in backward
+    (activation checkpointing per chunk): the [tokens, vocabulary] logits never exist for more than
+    one chunk, which at long sequences and 128k vocabularies is the largest tensor of a step.
+
+    Args:
+        hidden_states: the final hidden states of this rank's tokens, [..., hidden].
+        head: maps [n, hidden] to [n, vocabulary] logits.
+        labels: [...], the targets (already aligned: no shift here; see :func:`chunked_causal_lm_cross_entropy`).
+        chunk_size: tokens per chunk.
+    """
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    flat_hidden, flat_labels = hidden_states.flatten(0, -2), labels.flatten()
+    total = hidden_states.new_zeros((), dtype=torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
+    for start in range(0, flat_labels.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_loss_sum, head, flat_hidden[chunk], flat_labels[chunk], ignore_index, use_reentrant=False)
+    return _full_sequence_mean(total, (flat_labels != ignore_index).sum(), group)
+
+
+def chunked_causal_lm_cross_entropy(
+    hidden_states: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, chunk_size: int = 4096,
+    ignore_index: int = IGNORE_INDEX, group: ProcessGroup | None = None,
+) -> Tensor:
+    """:func:`causal_lm_cross_entropy` of ``head(hidden_states)``, computed chunk by chunk (see :func:`chunked_cross_entropy`)."""
+    return chunked_cross_entropy(hidden_states, head, _next_token_labels(labels), chunk_size, ignore_index, group)
