@@ -15,16 +15,22 @@ from lightning_mqsp.loss import (
 )
 from lightning_mqsp.sharding import gather_sequence
 from lightning_mqsp.strategy import MQSPStrategy
+from lightning_mqsp.strategy_fsdp import MQSPFSDPStrategy
 
 # Lightning has no entry point for third-party strategies: importing the package registers "mqsp".
 if "mqsp" not in StrategyRegistry:
     StrategyRegistry.register(
         "mqsp", MQSPStrategy, description="Micro-Query Sequence Parallelism: DDP across sequence-parallel groups"
     )
+if "mqsp_fsdp" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "mqsp_fsdp", MQSPFSDPStrategy, description="Micro-Query Sequence Parallelism with parameters sharded by FSDP2"
+    )
 
 __all__ = [
     "CollectiveError",
     "CommCounter",
+    "MQSPFSDPStrategy",
     "MQSPStrategy",
     "auto_micro_q_size",
     "causal_lm_cross_entropy",

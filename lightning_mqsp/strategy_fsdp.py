@@ -1,0 +1,150 @@
+"""``MQSPFSDPStrategy``: sequence parallelism with parameters, gradients and optimizer state sharded by FSDP2.
+
+Under DDP every rank holds the whole model and its AdamW state: an 8B model needs about 128 GB
+for that alone. Here ``fully_shard`` (FSDP2) shards them over *all* ``dp x sp`` ranks, as
+torchtitan does with context parallelism: each rank keeps 1/world of the parameters and gathers a
+layer's parameters only while the layer runs. Gradients are reduce-scattered with the mean over
+the world, which, with the full-sequence loss on every rank, is exactly what DDP's all-reduce gives.
+
+Hugging Face models are sharded automatically, one unit per decoder layer (the model's
+``_no_split_modules``), the input embeddings with the base model, the output head on its own
+(so that a loss computed from the hidden states, :func:`~lightning_mqsp.chunked_cross_entropy`,
+can call it), and the model itself. A LightningModule whose ``configure_model`` shards its model
+itself is left as it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from typing_extensions import override
+
+from lightning_mqsp.adapters import huggingface
+from lightning_mqsp.layout import Layout
+from lightning_mqsp.mesh import DEFAULT_SEQUENCE_PARALLEL_TIMEOUT
+from lightning_mqsp.sequence_parallel import SequenceParallelism
+from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS
+
+
+class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
+    """Micro-Query Sequence Parallelism with parameters sharded over every rank (FSDP2).
+
+    Args:
+        sequence_parallel_size: ranks per sequence-parallel group. Default: the processes of one
+            node (``devices``), data parallel across nodes. Must divide the world size.
+        micro_q_size: local query rows per micro-step (None: automatic, see ``mqsp_attention``).
+        attention_backend: local attention kernel: ``"auto"``, ``"cpu_flash"``, ``"reference"``, ``"triton"``.
+        layout: ``"zigzag"`` (balanced causal work) or ``"contiguous"``.
+        sequence_keys: batch keys holding [batch, sequence, ...] tensors to shard.
+        pad_token_id: pad token for lengths that do not divide; default the model's
+            ``config.pad_token_id``, else 0.
+        shift_labels: shift ``labels`` left by one before sharding (causal LM). Default: on when
+            the module contains a Hugging Face ``*ForCausalLM``/``*LMHeadModel``.
+        allow_sequence_pooling: accept a model that pools over the sequence.
+        sequence_parallel_timeout: seconds (or a ``timedelta``) a collective of a sequence-parallel
+            group waits for a missing rank (default 600).
+        activation_checkpointing: recompute every Hugging Face decoder layer in backward.
+        offload_activations: keep what the forward saves for backward in host memory.
+        mixed_precision: compute with bfloat16 parameters while the sharded master weights and the
+            gradient reduction stay float32 (FSDP2 ``MixedPrecisionPolicy``).
+        save_distributed_checkpoint: True: each rank saves its shard (a folder, resumable at any
+            world size); False: the full state dict on rank 0, loadable into the plain model.
+        **kwargs: ``process_group_backend`` and ``timeout`` of :class:`~lightning.pytorch.strategies.ModelParallelStrategy`.
+    """
+
+    strategy_name = "mqsp_fsdp"
+
+    def __init__(
+        self,
+        sequence_parallel_size: int | None = None,
+        micro_q_size: int | None = None,
+        attention_backend: str = "auto",
+        layout: Layout = "zigzag",
+        sequence_keys: Sequence[str] = DEFAULT_SEQUENCE_KEYS,
+        pad_token_id: int | None = None,
+        shift_labels: bool | None = None,
+        allow_sequence_pooling: bool = False,
+        sequence_parallel_timeout: float | datetime.timedelta = DEFAULT_SEQUENCE_PARALLEL_TIMEOUT,
+        activation_checkpointing: bool = False,
+        offload_activations: bool = False,
+        mixed_precision: bool = False,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self._configure_sequence_parallelism(
+            sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
+            allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations,
+        )
+        self.mixed_precision = mixed_precision
+
+    @override
+    def setup_environment(self) -> None:
+        # ModelParallelStrategy's own would build a (data, tensor)-parallel mesh; ours replaces it.
+        self._setup_distributed()
+        self._build_mesh()
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        # ModelParallelStrategy.setup, less its demand that configure_model shards the model: here it is sharded for you.
+        module = self.lightning_module
+        assert module is not None and self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self._prepare_model(module)
+        if not any(isinstance(m, FSDPModule) for m in module.modules()):
+            self._shard(module)
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _shard(self, module: LightningModule) -> None:
+        """fully_shard every Hugging Face model inside ``module`` over all ranks (see the module docstring)."""
+        models = huggingface.huggingface_models(module)
+        if not models:
+            raise ValueError(
+                "MQSPFSDPStrategy shards Hugging Face models automatically and found none in the LightningModule: "
+                "shard your model yourself in `configure_model()` with torch.distributed.fsdp.fully_shard."
+            )
+        world: DeviceMesh = init_device_mesh(self.root_device.type, (self.world_size,))
+        policy = MixedPrecisionPolicy()
+        if self.mixed_precision:  # bf16 compute; float32 master weights (the shards) and gradient reduction
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for model in models:
+            layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+            for layer in [m for m in model.modules() if type(m).__name__ in layer_classes]:
+                fully_shard(layer, mesh=world, mp_policy=policy)
+            head = model.get_output_embeddings()
+            if isinstance(head, nn.Module) and not _shares_parameters(head, model.get_input_embeddings()):
+                fully_shard(head, mesh=world, mp_policy=policy)
+            if model.base_model is not model:
+                fully_shard(model.base_model, mesh=world, mp_policy=policy)
+            fully_shard(model, mesh=world, mp_policy=policy)
+        sharded = {id(p) for m in module.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+        left = [name for name, p in module.named_parameters() if id(p) not in sharded]
+        if left:
+            raise ValueError(
+                f"MQSPFSDPStrategy sharded the Hugging Face models, but these parameters of the LightningModule lie outside "
+                f"them: {left[:5]}{' ...' if len(left) > 5 else ''}. Shard the whole module yourself in `configure_model()`."
+            )
+
+
+def _shares_parameters(first: nn.Module, second: nn.Module | None) -> bool:
+    """Whether the two modules hold a parameter in common (tied input and output embeddings)."""
+    return second is not None and bool({id(p) for p in first.parameters()} & {id(p) for p in second.parameters()})
