@@ -56,3 +56,13 @@ def test_sharded_checkpoint_loads_into_the_plain_model(recipe_run: dict[str, Any
 
 def test_registered_by_import() -> None:
     assert StrategyRegistry["mqsp_fsdp"]["strategy"] is MQSPFSDPStrategy
+
+
+@pytest.mark.timeout(600)
+def test_mixed_precision_computes_in_bf16_and_keeps_float32_weights(tmp_path: Path) -> None:
+    run = run_script("train_fsdp.py", str(tmp_path), "--devices", "2", "--sp", "2", "--epochs", "1", "--mixed-precision",
+                     "--reference", out=tmp_path)
+    assert run["compute_dtypes"] == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in run["params"].values())
+    # bf16 compute: the losses within bf16 rounding of float32 training in one process on the same batches.
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(run["reference"]["losses"]), rtol=1e-2, atol=0)

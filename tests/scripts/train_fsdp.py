@@ -98,21 +98,25 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--full-checkpoint", action="store_true", help="save the full state dict on rank 0")
     parser.add_argument("--reference", action="store_true", help="also train in one process")
+    parser.add_argument("--mixed-precision", action="store_true", help="bf16 compute, float32 master weights and reduction")
     args = parser.parse_args()
     torch.set_num_threads(1)
     strategy = MQSPFSDPStrategy(sequence_parallel_size=args.sp, activation_checkpointing=True, offload_activations=True,
-                                save_distributed_checkpoint=not args.full_checkpoint)
+                                save_distributed_checkpoint=not args.full_checkpoint, mixed_precision=args.mixed_precision)
     recorder = Recorder()
+    compute_dtypes: set[torch.dtype] = set()
     trainer = Trainer(
         strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[recorder, ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1, every_n_epochs=1)],
     )
     module = LongContextLM()
+    module.model.lm_head.register_forward_hook(lambda mod, args, out: compute_dtypes.add(out.dtype))
     trainer.fit(module, DataLoader(samples(), batch_size=BATCH_SIZE), ckpt_path=args.resume)
     params = {n: full(p) for n, p in module.named_parameters()}
     if trainer.global_rank == 0:
-        result: dict[str, Any] = {"losses": recorder.losses, "first_grads": recorder.first_grads, "params": params}
+        result: dict[str, Any] = {"losses": recorder.losses, "first_grads": recorder.first_grads, "params": params,
+                                  "compute_dtypes": compute_dtypes}
         if args.reference:
             result["reference"] = single_process(args.epochs, trainer.world_size // args.sp)
         torch.save(result, args.out / "result.pt")
