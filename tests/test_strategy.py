@@ -262,3 +262,26 @@ def test_long_context_recipe_matches_single_process(precision: str, tmp_path: Pa
     ours = max(relative_error(gradients[k], exact_gradients[k], floor=ATOL / RTOL) for k in exact_gradients)
     theirs = max(relative_error(single_gradients[k], exact_gradients[k], floor=ATOL / RTOL) for k in exact_gradients)
     assert ours <= 2 * theirs + 1e-3, (ours, theirs)
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_keep_sequence_parallelism_inside_a_node(references: dict, tmp_path: Path) -> None:
+    """Two launchers with num_nodes=2 (node ranks 0 and 1) on this machine, as torchrun or SLURM would start them:
+    the default sequence-parallel group is the two devices of a node, data parallelism spans the nodes, and the
+    run trains as one process would (the second step's loss)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    nodes = [subprocess.Popen([sys.executable, str(SCRIPTS / "two_nodes.py"), str(tmp_path)], cwd=REPO, env={**env, "NODE_RANK": str(n)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-3000:] for _, err in outputs)
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    groups = {g["global_rank"]: g for g in result["groups"]}
+    assert [groups[r]["node"] for r in range(4)] == [0, 0, 1, 1]
+    assert [groups[r]["sequence_parallel"] for r in range(4)] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [groups[r]["data_parallel"] for r in range(4)] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert result["loss"] == pytest.approx(references["bert"]["losses"][1], rel=RTOL)
