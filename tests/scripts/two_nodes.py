@@ -18,9 +18,9 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_lm import TinyLM, make_samples  # noqa: E402
+from tiny_lm import TinyLM, make_samples
 
-from lightning_mqsp import MQSPStrategy  # noqa: E402
+from lightning_mqsp import MQSPStrategy
 
 
 class GroupsLM(TinyLM):
