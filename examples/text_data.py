@@ -117,24 +117,34 @@ class MaskedLMBlocks(Dataset):
 
 
 class CausalLMBlocks(Dataset):
-    """Next-token prediction: labels are the inputs (the model or the strategy shifts them)."""
+    """Next-token prediction: labels are the inputs (the model or the strategy shifts them).
 
-    def __init__(self, blocks: Tensor) -> None:
-        self.blocks = blocks
+    With ``document_separator``, each block is a pack of documents (the paragraphs the separator
+    token ends): ``position_ids`` restart at every document and there is no attention mask, as
+    transformers' ``DataCollatorWithFlattening`` packs them, so no token attends across a document.
+    """
+
+    def __init__(self, blocks: Tensor, document_separator: int | None = None) -> None:
+        self.blocks, self.document_separator = blocks, document_separator
 
     def __len__(self) -> int:
         return self.blocks.size(0)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         ids = self.blocks[index]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if self.document_separator is None:
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        position = torch.arange(ids.numel())
+        starts = torch.cat([torch.ones(1, dtype=torch.bool), ids[:-1] == self.document_separator])
+        first = torch.where(starts, position, torch.zeros_like(position)).cummax(dim=0).values
+        return {"input_ids": ids, "position_ids": position - first, "labels": ids.clone()}
 
 
 class TextDataModule(pl.LightningDataModule):
     """Long-sequence language-modelling data from a local corpus.
 
     Args:
-        objective: ``"mlm"`` (BERT masking) or ``"causal"``.
+        objective: ``"mlm"`` (BERT masking), ``"causal"``, or ``"packed"`` (causal, paragraphs packed as documents).
         seq_len: tokens per sample (the full sequence, before it is split over ranks).
         source: None for the standard library's pydoc topics, else a text file, a folder or a dataset name.
         tokenizer: None to train a WordPiece tokenizer on the corpus, else a hub name or a path.
@@ -148,8 +158,8 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0, cache_dir: str = str(DEFAULT_CACHE),
     ) -> None:
         super().__init__()
-        if objective not in ("mlm", "causal"):
-            raise ValueError(f"objective must be 'mlm' or 'causal', got {objective!r}.")
+        if objective not in ("mlm", "causal", "packed"):
+            raise ValueError(f"objective must be 'mlm', 'causal' or 'packed', got {objective!r}.")
         self.save_hyperparameters()
         self.tokenizer = build_tokenizer(load_corpus(source), tokenizer_vocab_size, Path(cache_dir), tokenizer)
 
@@ -165,7 +175,8 @@ class TextDataModule(pl.LightningDataModule):
         if hp.objective == "mlm":
             self.train_set, self.val_set = MaskedLMBlocks(train, self.tokenizer, hp.seed), MaskedLMBlocks(val, self.tokenizer, hp.seed + 1)
         else:
-            self.train_set, self.val_set = CausalLMBlocks(train), CausalLMBlocks(val)
+            separator = self.tokenizer.sep_token_id if hp.objective == "packed" else None
+            self.train_set, self.val_set = CausalLMBlocks(train, separator), CausalLMBlocks(val, separator)
 
     def train_dataloader(self) -> DataLoader:
         # The same seeded shuffle on one process and on many: Lightning keeps a DistributedSampler it is

@@ -70,3 +70,14 @@ def test_long_range_retrieval_runs_both_settings(tmp_path: Path) -> None:
         assert len(losses) == steps and all(math.isfinite(x) for x in losses)
         # Fresh batches every step: compare the first and last quarters, not single steps.
         assert sum(losses[-10:]) < sum(losses[:10]), (mode, losses)
+
+
+@pytest.mark.timeout(300)
+def test_long_context_llama_example_trains(tmp_path: Path) -> None:
+    """examples/llama_long.py: FSDP2 sharding, activation checkpointing with offload, the chunked loss, packed documents."""
+    config = EXAMPLES / "configs" / "llama_long.yaml"
+    run([str(EXAMPLES / "llama_long.py"), "fit", "--config", str(config), "--model.lr=0.01", "--model.warmup_steps=1",
+         "--trainer.max_steps=6", "--trainer.overfit_batches=1", "--trainer.val_check_interval=1", "--data.seq_len=128",
+         "--data.tokenizer_vocab_size=2000", f"--data.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    assert_trains(train_losses(tmp_path / "runs" / "llama_long" / "csv" / "version_0" / "metrics.csv"), 6)
+    assert (tmp_path / "runs" / "llama_long" / "checkpoints" / "last.ckpt").is_file()  # the full state dict, one file
