@@ -49,6 +49,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import (
     AttentionInterface,
@@ -68,7 +70,7 @@ import lightning_mqsp.attention
 from benchmarks.baselines import METHODS
 from benchmarks.baselines import mqsp as mqsp_baseline
 from benchmarks.baselines.common import AttentionFn, Shape
-from lightning_mqsp import count_communication
+from lightning_mqsp import chunked_causal_lm_cross_entropy, count_communication
 from lightning_mqsp.comm import ProcessGroup
 
 GB = 10**9
@@ -108,7 +110,28 @@ MODELS: dict[str, Callable[[int], PretrainedConfig]] = {
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=16,
         num_key_value_heads=16, max_position_embeddings=max(length, 2048),
     ),
+    # Llama-3.1-8B's shape (config built locally): GQA 32/8, 128k vocabulary. Only MQSP takes GQA here.
+    "llama-8b": lambda length: LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=max(length, 8192), rope_theta=500_000.0, tie_word_embeddings=False,
+    ),
+    # The same shape, tiny: the recipes' estimates are validated against real runs of it.
+    "tiny-llama": lambda length: LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max(length, 1024), tie_word_embeddings=False,
+    ),
 }
+#: Training recipes, each adding to the one before: replicated parameters (DDP); parameters, gradients and AdamW
+#: state sharded over the P ranks (MQSPFSDPStrategy); activation checkpointing of every decoder layer; the kept
+#: hidden states offloaded to host memory and the loss computed in chunks (the full recipe).
+RECIPES = ("ddp", "sharded", "checkpointed", "full")
+RECIPE_LABELS = {
+    "ddp": "MQSP, DDP (replicated parameters)", "sharded": "MQSP + FSDP2 sharding",
+    "checkpointed": "MQSP + sharding + activation checkpointing",
+    "full": "MQSP full recipe (sharding, checkpointing, offload, chunked loss)",
+}
+#: Tokens per chunk of the chunked loss in the full recipe.
+LOSS_CHUNK = 4096
 _MODEL_CLASSES: dict[type[PretrainedConfig], type[PreTrainedModel]] = {
     BertConfig: BertForMaskedLM, GPT2Config: GPT2LMHeadModel, LlamaConfig: LlamaForCausalLM,
 }
@@ -126,6 +149,7 @@ class Setup:
     batch: int = 1
     num_layers: int | None = None  # None: the model's own depth
     micro_q_size: int | None = None  # MQSP only; None: ESTIMATE_GATHERED_ROWS / P
+    recipe: str = "ddp"  # one of RECIPES
 
     @property
     def local_length(self) -> int:
@@ -140,10 +164,12 @@ class Setup:
 
 @dataclass(frozen=True)
 class StepMemory:
-    """Peak live tensor bytes of one training step on this rank, and their MemTracker categories at that moment."""
+    """Peak live tensor bytes of one training step on this rank, and their MemTracker categories at that moment;
+    with offload, the peak of the bytes held in host memory instead."""
 
     peak_bytes: int
     by_category: dict[str, int]
+    host_peak_bytes: int = 0
 
 
 def attention_heads(config: PretrainedConfig) -> tuple[int, int]:
@@ -207,9 +233,15 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
         raise ValueError(f"setup is for {setup.world_size} ranks, the process group has {comm_size(group)}")
     if setup.length % setup.world_size != 0:
         raise ValueError(f"length {setup.length} does not split over {setup.world_size} ranks")
+    if setup.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {setup.recipe!r}")
     rank = dist.get_rank(group) if setup.world_size > 1 else 0
     model = build_model(setup, group)
     model.train()
+    if setup.recipe in ("checkpointed", "full"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.recipe != "ddp":
+        _shard(model, setup)
     # foreach: the CUDA default, whose temporaries span every parameter at once.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     _allocate_optimizer_state(model, optimizer)
@@ -217,17 +249,77 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     input_ids = torch.randint(0, config.vocab_size, (setup.batch, setup.local_length))
     positions = torch.arange(rank * setup.local_length, (rank + 1) * setup.local_length).expand(setup.batch, -1)
 
+    host = _HostMemory()
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
     with tracker:
-        with _precision_context(setup.precision):
-            loss = model(input_ids=input_ids, position_ids=positions, labels=input_ids).loss
+        with _precision_context(setup.precision), host.offload() if setup.recipe == "full" else nullcontext():
+            if setup.recipe == "full":
+                hidden = model.base_model(input_ids=input_ids, position_ids=positions).last_hidden_state
+                loss = _ChunkedLoss(model.get_output_embeddings())(hidden, input_ids)
+            else:
+                loss = model(input_ids=input_ids, position_ids=positions, labels=input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     total = peak.pop("Total")
-    return StepMemory(peak_bytes=total, by_category={str(getattr(k, "value", k)): v for k, v in peak.items() if v})
+    return StepMemory(peak_bytes=total, by_category={str(getattr(k, "value", k)): v for k, v in peak.items() if v},
+                      host_peak_bytes=host.peak_bytes)
+
+
+class _ChunkedLoss(torch.nn.Module):
+    """The chunked causal-LM loss as a module: MemTracker follows a module (the head) called once per chunk only
+    inside another module."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        return chunked_causal_lm_cross_entropy(hidden, self.head, labels, chunk_size=LOSS_CHUNK)
+
+
+class _HostMemory:
+    """Offload of what the forward saves for backward, as ``save_on_cpu`` does on a GPU, for the accounting of a
+    CPU run: a saved floating-point tensor leaves the device's tally (it is kept as an empty ``meta`` tensor) and
+    joins the host's; backward gets zeros of its shape (values do not matter to a memory measurement)."""
+
+    def __init__(self) -> None:
+        self.bytes = self.peak_bytes = 0
+
+    def offload(self) -> Any:
+        def pack(tensor: Tensor) -> Tensor | tuple[Tensor, torch.device]:
+            if not tensor.is_floating_point():  # indices and masks: tiny, and their values matter even here
+                return tensor
+            self.bytes += tensor.untyped_storage().nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+            return tensor.to("meta"), tensor.device
+
+        def unpack(packed: Tensor | tuple[Tensor, torch.device]) -> Tensor:
+            if isinstance(packed, Tensor):
+                return packed
+            meta, device = packed
+            return torch.zeros_like(meta, device=device)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+_world_meshes: dict[int, DeviceMesh] = {}
+
+
+def _shard(model: PreTrainedModel, setup: Setup) -> None:
+    """FSDP2 over all ranks, as MQSPFSDPStrategy shards a Hugging Face model (one unit per decoder layer, the
+    output head, the base model, the model), with its bf16 mixed-precision policy under bf16-mixed."""
+    mesh = _world_meshes.get(setup.world_size) or init_device_mesh("cpu", (setup.world_size,))
+    policy = MixedPrecisionPolicy()
+    if setup.precision == "bf16-mixed":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model.get_output_embeddings(), mesh=mesh, mp_policy=policy)
+    fully_shard(model.base_model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def comm_size(group: ProcessGroup | None) -> int:
@@ -240,11 +332,14 @@ def fake_world(world_size: int) -> Iterator[None]:
     if dist.is_initialized():
         raise RuntimeError("fake_world needs a process without a process group; one is already initialised")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    # A device mesh reads its rank table on the host, which a fake tensor cannot answer: build it before.
+    _world_meshes[world_size] = init_device_mesh("cpu", (world_size,))
     try:
         with ExitStack() as stack:
             stack.enter_context(FakeTensorMode())
             yield
     finally:
+        del _world_meshes[world_size]
         dist.destroy_process_group()
 
 

@@ -37,6 +37,7 @@ from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layout import Layout, check_layout
 from lightning_mqsp.mesh import check_sizes, sequence_parallel_mesh
 from lightning_mqsp.sharding import BatchSharder, gather_outputs
+from lightning_mqsp.tiling import tile_mlps
 
 _CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -61,6 +62,7 @@ class SequenceParallelism(ParallelStrategy):
         sequence_parallel_timeout: float | datetime.timedelta,
         activation_checkpointing: bool,
         offload_activations: bool,
+        mlp_tile_size: int | None,
     ) -> None:
         check_layout(layout)
         if sequence_parallel_size is not None and sequence_parallel_size < 1:
@@ -77,8 +79,11 @@ class SequenceParallelism(ParallelStrategy):
         self.pad_token_id = pad_token_id
         self.shift_labels = shift_labels
         self.allow_sequence_pooling = allow_sequence_pooling
+        if mlp_tile_size is not None and not (isinstance(mlp_tile_size, int) and mlp_tile_size >= 1):
+            raise ValueError(f"mlp_tile_size must be a positive int or None, got {mlp_tile_size!r}.")
         self.activation_checkpointing = activation_checkpointing
         self.offload_activations = offload_activations
+        self.mlp_tile_size = mlp_tile_size
         self._device_mesh: DeviceMesh | None = None
         self._sharder: BatchSharder | None = None
         self._undo_model_patches: list[Callable[[], None]] = []
@@ -175,6 +180,11 @@ class SequenceParallelism(ParallelStrategy):
                 )
             for hf_model in hf_models:
                 hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.mlp_tile_size is not None:
+            tiled = tile_mlps(module, self.mlp_tile_size)
+            if not tiled:
+                raise ValueError("mlp_tile_size was given, but the module has no MLP (no submodule whose class name ends with 'MLP').")
+            self._undo_model_patches += tiled
         shift_labels = self.shift_labels
         if shift_labels is None:
             shift_labels = any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in hf_models)

@@ -46,6 +46,8 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         offload_activations: keep what the forward saves for backward (with activation
             checkpointing: the layers' input hidden states) in host memory, pinned on a GPU
             (``torch.autograd.graph.save_on_cpu``), and bring it back in backward.
+        mlp_tile_size: run every MLP on this many tokens at a time, each tile recomputed in backward
+            (:mod:`lightning_mqsp.tiling`), so that its wide intermediates never exist for the whole shard.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -64,10 +66,11 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         sequence_parallel_timeout: float | datetime.timedelta = DEFAULT_SEQUENCE_PARALLEL_TIMEOUT,
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
+        mlp_tile_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
-            allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations,
+            allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
         )

@@ -56,6 +56,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
             group waits for a missing rank (default 600).
         activation_checkpointing: recompute every Hugging Face decoder layer in backward.
         offload_activations: keep what the forward saves for backward in host memory.
+        mlp_tile_size: run every MLP on this many tokens at a time, each tile recomputed in backward.
         mixed_precision: compute with bfloat16 parameters while the sharded master weights and the
             gradient reduction stay float32 (FSDP2 ``MixedPrecisionPolicy``).
         save_distributed_checkpoint: True: each rank saves its shard (a folder, resumable at any
@@ -78,6 +79,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         sequence_parallel_timeout: float | datetime.timedelta = DEFAULT_SEQUENCE_PARALLEL_TIMEOUT,
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
+        mlp_tile_size: int | None = None,
         mixed_precision: bool = False,
         save_distributed_checkpoint: bool = True,
         **kwargs: Any,
@@ -85,7 +87,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
-            allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations,
+            allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
         )
         self.mixed_precision = mixed_precision
 

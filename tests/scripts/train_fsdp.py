@@ -3,7 +3,7 @@
     python tests/scripts/train_fsdp.py OUT_DIR [--devices 4] [--sp 2] [--epochs 2] [--resume CKPT] [--full-checkpoint]
 
 MQSPFSDPStrategy (FSDP2 over all ranks) with activation checkpointing of every decoder layer, the
-checkpointed hidden states offloaded to host memory, and the chunked causal-LM loss computed from
+checkpointed hidden states offloaded to host memory, MLPs in tiles of 5 tokens, and the chunked causal-LM loss computed from
 the final hidden states and the output head, on a tiny Llama over packed documents. Rank 0 writes
 OUT_DIR/result.pt: losses per step, the first step's (full) gradients, the final (full) parameters,
 and, with --reference, the single-process run's.
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 compute, float32 master weights and reduction")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    strategy = MQSPFSDPStrategy(sequence_parallel_size=args.sp, activation_checkpointing=True, offload_activations=True,
+    strategy = MQSPFSDPStrategy(sequence_parallel_size=args.sp, activation_checkpointing=True, offload_activations=True, mlp_tile_size=5,
                                 save_distributed_checkpoint=not args.full_checkpoint, mixed_precision=args.mixed_precision)
     recorder = Recorder()
     compute_dtypes: set[torch.dtype] = set()
