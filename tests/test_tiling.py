@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from reference import relative_error
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from lightning_mqsp.tiling import tile_mlps, tile_sequence
-from reference import relative_error
 
 
 def _mlp() -> LlamaMLP:
