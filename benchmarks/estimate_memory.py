@@ -72,6 +72,7 @@ from benchmarks.baselines import mqsp as mqsp_baseline
 from benchmarks.baselines.common import AttentionFn, Shape
 from lightning_mqsp import chunked_causal_lm_cross_entropy, count_communication
 from lightning_mqsp.comm import ProcessGroup
+from lightning_mqsp.tiling import tile_mlps
 
 GB = 10**9
 GiB = 2**30
@@ -123,15 +124,15 @@ MODELS: dict[str, Callable[[int], PretrainedConfig]] = {
 }
 #: Training recipes, each adding to the one before: replicated parameters (DDP); parameters, gradients and AdamW
 #: state sharded over the P ranks (MQSPFSDPStrategy); activation checkpointing of every decoder layer; the kept
-#: hidden states offloaded to host memory and the loss computed in chunks (the full recipe).
+#: hidden states offloaded to host memory, the loss computed in chunks and the MLPs in tiles (the full recipe).
 RECIPES = ("ddp", "sharded", "checkpointed", "full")
 RECIPE_LABELS = {
     "ddp": "MQSP, DDP (replicated parameters)", "sharded": "MQSP + FSDP2 sharding",
     "checkpointed": "MQSP + sharding + activation checkpointing",
-    "full": "MQSP full recipe (sharding, checkpointing, offload, chunked loss)",
+    "full": "MQSP full recipe (sharding, checkpointing, offload, chunked loss, tiled MLP)",
 }
-#: Tokens per chunk of the chunked loss in the full recipe.
-LOSS_CHUNK = 4096
+#: Tokens per chunk of the chunked loss, and per tile of the tiled MLPs, in the full recipe.
+LOSS_CHUNK = MLP_TILE = 4096
 _MODEL_CLASSES: dict[type[PretrainedConfig], type[PreTrainedModel]] = {
     BertConfig: BertForMaskedLM, GPT2Config: GPT2LMHeadModel, LlamaConfig: LlamaForCausalLM,
 }
@@ -177,8 +178,24 @@ def attention_heads(config: PretrainedConfig) -> tuple[int, int]:
     return config.num_attention_heads, config.hidden_size // config.num_attention_heads
 
 
+class _AttentionThatCostsNothing(torch.autograd.Function):
+    """An attention stand-in that saves nothing and allocates only its output: a step with it, subtracted from a
+    step with MQSP, is the memory MQSP's attention itself needs (its share of the peak)."""
+
+    @staticmethod
+    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        ctx.shapes = (key.shape, value.shape)
+        return torch.empty_like(query)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(grad), grad.new_empty(ctx.shapes[0]), grad.new_empty(ctx.shapes[1])
+
+
 def method_attention(setup: Setup) -> AttentionFn:
-    """The method's ``attention(q, k, v, group)``; MQSP with the setup's micro-step size."""
+    """The method's ``attention(q, k, v, group)``; MQSP with the setup's micro-step size; "none": attention that costs nothing."""
+    if setup.method == "none":
+        return lambda q, k, v, group: _AttentionThatCostsNothing.apply(q, k, v)
     if setup.method == "mqsp":
         micro_q_size = setup.micro_q_size or max(1, min(setup.local_length, ESTIMATE_GATHERED_ROWS // setup.world_size))
         return partial(mqsp_baseline.attention, micro_q_size=micro_q_size)
@@ -240,6 +257,8 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     model.train()
     if setup.recipe in ("checkpointed", "full"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.recipe == "full":
+        tile_mlps(model, MLP_TILE)
     if setup.recipe != "ddp":
         _shard(model, setup)
     # foreach: the CUDA default, whose temporaries span every parameter at once.
@@ -352,9 +371,15 @@ def estimate_training_step(setup: Setup) -> StepMemory:
 def extrapolated_peak(setup: Setup) -> int:
     """Full-depth peak from two shallow fake runs: every layer adds the same saved activations, so
     the peak is affine in the layer count (checked by ``check_layer_linearity``)."""
-    shallow, deeper = (estimate_training_step(replace(setup, num_layers=n)).peak_bytes for n in PROBE_LAYERS)
-    depth = setup.config().num_hidden_layers
-    return shallow + (depth - PROBE_LAYERS[0]) * (deeper - shallow) // (PROBE_LAYERS[1] - PROBE_LAYERS[0])
+    return extrapolated_memory(setup)[0]
+
+
+def extrapolated_memory(setup: Setup) -> tuple[int, int]:
+    """(device peak, host peak) at full depth from the (1, 2)-layer fake runs (both affine in the layer count)."""
+    shallow, deeper = (estimate_training_step(replace(setup, num_layers=n)) for n in PROBE_LAYERS)
+    layers = (setup.config().num_hidden_layers - PROBE_LAYERS[0]) / (PROBE_LAYERS[1] - PROBE_LAYERS[0])
+    return (int(shallow.peak_bytes + layers * (deeper.peak_bytes - shallow.peak_bytes)),
+            int(shallow.host_peak_bytes + layers * (deeper.host_peak_bytes - shallow.host_peak_bytes)))
 
 
 def method_applies(method: str, model: str, world_size: int) -> bool:
@@ -490,6 +515,83 @@ def max_length_table(
     return table
 
 
+#: Arctic Long Sequence Training (ALST, arXiv 2506.13996): Llama-8B's longest trained sequence on 1, 8 and 32
+#: H100s of 80 GB (Ulysses, ZeRO-3, tiled MLP and loss, offloaded activation checkpoints), as published.
+ALST_PUBLISHED = {1: 500_000, 8: 3_700_000, 32: 15_000_000}
+RECIPE_WORLD_SIZES = (1, 8, 32)
+#: Lengths the recipe search returns are multiples of this many tokens per rank.
+RECIPE_LOCAL_GRANULARITY = 1024
+
+
+def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: int, precision: str) -> dict[str, Any]:
+    """The longest L whose full-depth device peak fits ``budget_bytes``, with the host memory the offload then needs
+    and the share of the peak that is attention. The peak of every recipe is affine in L (MQSP's memory is linear
+    in the local length): two probes give the line, the length where it meets the budget is checked by one more
+    estimate and walked down until it fits."""
+    def setup(length: int, method: str = "mqsp") -> Setup:
+        return Setup(model, method, length, world_size, precision, recipe=recipe)
+
+    step = RECIPE_LOCAL_GRANULARITY * world_size
+    probes = (16 * step, 64 * step)
+    (low, _), (high, _) = (extrapolated_memory(setup(length)) for length in probes)
+    if low > budget_bytes:
+        return {"length": 0, "peak_bytes": low, "note": f"does not fit at L={probes[0]:,}"}
+    slope = (high - low) / (probes[1] - probes[0])
+    length = max(step, int(probes[0] + (budget_bytes - low) / slope) // step * step)
+    while True:
+        peak, host = extrapolated_memory(setup(length))
+        if peak <= budget_bytes or length <= step:
+            break
+        length = max(step, int(length * 0.98) // step * step)
+    without_attention, _ = extrapolated_memory(setup(length, method="none"))
+    return {"length": length, "peak_bytes": peak, "host_bytes": host, "attention_share": 1 - without_attention / peak}
+
+
+def recipe_table(model: str, budget_gb: int, precision: str, log: Callable[[str], None]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{recipe: {P: recipe_max_length(...)}} for P in RECIPE_WORLD_SIZES."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for recipe in RECIPES:
+        table[recipe] = {}
+        for world_size in RECIPE_WORLD_SIZES:
+            started = time.time()
+            table[recipe][str(world_size)] = row = recipe_max_length(model, recipe, world_size, budget_gb * GB, precision)
+            log(f"{recipe:12s} P={world_size:2d}: {row} ({time.time() - started:.0f} s)")
+    return table
+
+
+def recipe_markdown(results: dict[str, Any]) -> str:
+    """The generated 8B part of docs/scaling.md: the longest L per recipe and P, host memory, attention's share."""
+    settings, table = results["settings"], results["recipes"]
+    header = "| recipe | " + " | ".join(f"P={p}" for p in RECIPE_WORLD_SIZES) + " |"
+    rule = "|---|" + "---:|" * len(RECIPE_WORLD_SIZES)
+
+    def cell(row: dict[str, Any]) -> str:
+        return "does not fit" if not row["length"] else f"{row['length']:,}"
+
+    lines = [
+        f"Llama-3.1-8B's shape ({settings['model']}), batch 1, {settings['precision']}, AdamW (foreach), MQSP attention "
+        f"(CPU kernel's footprint, non-causal), budget = live tensor bytes per device (decimal GB). "
+        f"Regenerate: `{settings['command']}`", "",
+        f"**Llama-3.1-8B: longest trainable L at {settings['budget_gb']} GB per device**", "", header, rule,
+    ]
+    for recipe in RECIPES:
+        lines.append(f"| {RECIPE_LABELS[recipe]} | " + " | ".join(cell(table[recipe][str(p)]) for p in RECIPE_WORLD_SIZES) + " |")
+    lines.append("| ALST, published (Ulysses + ZeRO-3 + tiled MLP and loss + offloaded checkpoints) | "
+                 + " | ".join(f"{ALST_PUBLISHED[p]:,}" for p in RECIPE_WORLD_SIZES) + " |")
+    full = table["full"]
+    lines += ["", "**The full recipe at those lengths**", "", "| | " + " | ".join(f"P={p}" for p in RECIPE_WORLD_SIZES) + " |", rule,
+              "| device peak (GB) | " + " | ".join(f"{full[str(p)]['peak_bytes'] / GB:.1f}" for p in RECIPE_WORLD_SIZES) + " |",
+              "| host memory per rank for the offload (GB) | "
+              + " | ".join(f"{full[str(p)].get('host_bytes', 0) / GB:.1f}" for p in RECIPE_WORLD_SIZES) + " |",
+              "| attention's share of the device peak | "
+              + " | ".join(f"{100 * full[str(p)].get('attention_share', 0):.1f}%" for p in RECIPE_WORLD_SIZES) + " |",
+              "| length / ALST's | " + " | ".join(f"{full[str(p)]['length'] / ALST_PUBLISHED[p]:.2f}x" for p in RECIPE_WORLD_SIZES) + " |"]
+    return "\n".join(lines)
+
+
+RECIPE_GENERATED_START = "<!-- generated by benchmarks/estimate_memory.py --model llama-8b: start -->"
+
+
 #: One method without and one with a score map: a 24-layer fake run takes minutes on a loaded CPU.
 LINEARITY_METHODS = ("mqsp", "dense")
 
@@ -622,12 +724,14 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(generated: str, path: Path = DOC_PATH) -> None:
-    """Replace the text between the generated markers of docs/scaling.md (create them if missing)."""
-    text = path.read_text() if path.exists() else f"# Scaling\n\n{GENERATED_START}\n{GENERATED_END}\n"
-    head, rest = text.split(GENERATED_START)
-    _, tail = rest.split(GENERATED_END)
-    path.write_text(f"{head}{GENERATED_START}\n{generated}\n{GENERATED_END}{tail}")
+def write_doc(generated: str, path: Path = DOC_PATH, start: str = GENERATED_START) -> None:
+    """Replace the text between the ``start`` marker and the next end marker of docs/scaling.md (appended if missing)."""
+    text = path.read_text() if path.exists() else "# Scaling\n"
+    if start not in text:
+        text = f"{text.rstrip()}\n\n{start}\n{GENERATED_END}\n"
+    head, rest = text.split(start)
+    _, tail = rest.split(GENERATED_END, 1)
+    path.write_text(f"{head}{start}\n{generated}\n{GENERATED_END}{tail}")
 
 
 def plot(results: dict[str, Any], path: Path = PLOT_PATH) -> None:
@@ -670,6 +774,21 @@ def main() -> None:
 
     def log(message: str) -> None:
         print(message, flush=True)
+
+    if args.model in ("llama-8b", "tiny-llama"):  # the training recipes of MQSP on a Llama (docs/scaling.md)
+        budget = args.budgets_gb[-1] if args.budgets_gb != [40, 80] else 80
+        recipe_results = {"settings": {
+            "model": args.model, "precision": args.precision, "budget_gb": budget, "torch": torch.__version__,
+            "mqsp_gathered_rows_per_step": ESTIMATE_GATHERED_ROWS, "loss_chunk": LOSS_CHUNK, "mlp_tile": MLP_TILE,
+            "command": f"python benchmarks/estimate_memory.py --model {args.model}",
+        }, "recipes": recipe_table(args.model, budget, args.precision, log)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name(f"estimate_memory_{args.model}.json").write_text(json.dumps(recipe_results, indent=1))
+        generated = recipe_markdown(recipe_results)
+        print(generated)
+        if not args.no_doc and args.model == "llama-8b":
+            write_doc(generated, start=RECIPE_GENERATED_START)
+        return
 
     largest_p = max(args.world_sizes)
     comm_length = 64 * 1024
