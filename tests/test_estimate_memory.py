@@ -74,3 +74,14 @@ def test_counted_bytes_under_the_fake_group_match_the_formula(method: str) -> No
         warnings.filterwarnings("ignore", message="Module is None")
         counted = counted_communication(setup)
     assert counted == analytic_communication(setup, itemsize=2)
+
+
+@pytest.mark.parametrize("recipe", ["sharded", "checkpointed", "full"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_recipe_estimates_match_real_two_rank_steps(workers, recipe: str, precision: str) -> None:
+    """The training recipes of docs/scaling.md's Llama-8B table, on a tiny Llama: FSDP2 sharding over the gloo ranks,
+    activation checkpointing, offload and the chunked loss measured for real, against the fake estimate."""
+    setup = Setup("tiny-llama", "mqsp", length=2048, world_size=2, precision=precision, recipe=recipe)
+    estimate = _quiet_estimate(setup)
+    for rank, measured in enumerate(workers(2).run(measured_peak, setup)):
+        assert abs(estimate / measured - 1) <= TOLERANCE, f"rank {rank}: estimate {estimate:,} B, measured {measured:,} B"
