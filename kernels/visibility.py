@@ -1,12 +1,17 @@
-"""Which entries of a score tile exist, and which of them dropout keeps.
+"""Which (query, key) pairs attend, inside the kernels: the model of ``lightning_mqsp.visibility``.
 
-Both are pure functions of global positions (and the dropout seed), so the forward kernel and
-the two backward kernels draw exactly the same tiles without storing any mask.
+A query at position q sees a key at position k when ``q - left <= k <= q + right`` (each side
+optional), the key is not padding, and (with documents) both have the same document id. Key
+positions ascend, query positions ascend within each segment, and document ids never decrease
+along positions. So, for a block of one side, the indices of the other side that it may see form
+one range, found by binary search; inside it, a sub-range that every member of the block sees.
+The kernels loop over that sub-range without a mask and mask only the edge blocks around it, as
+the stages of Triton's fused-attention tutorial do for the causal diagonal.
 
-The dropout hash reproduces ``lightning_mqsp.dropout.keep_mask`` bit for bit. The torch
-version works on int64 masked to 32 bits; here everything is uint32, whose multiplication
-wraps modulo 2**32 and whose right shifts are logical, which is the same arithmetic: the low
-32 bits of a product depend only on the low 32 bits of its factors.
+The dropout hash reproduces ``lightning_mqsp.dropout.keep_mask`` bit for bit. The torch version
+works on int64 masked to 32 bits; here everything is uint32, whose multiplication wraps modulo
+2**32 and whose right shifts are logical: the same arithmetic, since the low 32 bits of a product
+depend only on the low 32 bits of its factors.
 """
 
 import triton
@@ -18,15 +23,103 @@ from lightning_mqsp import dropout as _torch_dropout
 _HEAD_MULT = tl.constexpr(_torch_dropout._HEAD_MULT)
 _QUERY_MULT = tl.constexpr(_torch_dropout._QUERY_MULT)
 _KEY_MULT = tl.constexpr(_torch_dropout._KEY_MULT)
+_INT64_MAX = tl.constexpr(2**63 - 1)
+_INT64_MIN = tl.constexpr(-(2**63))
 
 
 @triton.jit
-def visible_tile(query_pos, key_pos, row_in_range, key_attends, CAUSAL: tl.constexpr):
-    """Bool [BLOCK_M, BLOCK_N]: the query row exists, the key exists and is not padding, and
-    (when causal) the key's global position is not after the query's."""
-    visible = row_in_range[:, None] & key_attends[None, :]
-    if CAUSAL:
-        visible = visible & (key_pos[None, :] <= query_pos[:, None])
+def _lower_bound(Values, lo, hi, value):
+    """The first index in [lo, hi) whose value is >= ``value`` (hi if none); Values ascend there."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(Values + mid) < value
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def _position_lower_bound(Positions, lo, hi, value):
+    """``_lower_bound`` over strictly ascending integer positions (distinct tokens): each index
+    adds at least 1, which bounds the answer from both ends before searching. A run of
+    consecutive positions, the common case, needs no search step at all."""
+    if lo < hi:
+        first = tl.load(Positions + lo)
+        last = tl.load(Positions + hi - 1)
+        # Indices below value - last + hi - 1 hold positions below value; from lo + value - first on, none do.
+        least = tl.minimum(tl.maximum(value - last + hi - 1, lo), hi).to(tl.int32)
+        most = tl.minimum(tl.maximum(value - first + lo, lo), hi).to(tl.int32)
+        lo = _lower_bound(Positions, least, most, value)
+    return lo
+
+
+@triton.jit
+def _stage_bounds(first, full_first, full_stop, stop, BLOCK: tl.constexpr):
+    """Blocks of BLOCK indices, aligned to multiples of BLOCK, in three stages: masked [lo, full_lo),
+    unmasked [full_lo, full_hi), masked [full_hi, hi). Indices [first, stop) may be visible,
+    [full_first, full_stop) are visible to the whole block of the other side; the unmasked stage
+    holds whole blocks of those only."""
+    lo = first // BLOCK * BLOCK
+    hi = tl.where(stop > first, stop, lo)
+    full_lo = tl.minimum(tl.maximum((full_first + BLOCK - 1) // BLOCK * BLOCK, lo), hi)
+    full_hi = tl.minimum(tl.maximum(tl.minimum(full_stop, hi) // BLOCK * BLOCK, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def visible_stages(
+    Positions, Documents, start, end, other_min, other_max, other_doc_min, other_doc_max, before, after,
+    HAS_BEFORE: tl.constexpr, HAS_AFTER: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Stage bounds (see ``_stage_bounds``) over indices [start, end) of one side, seen from a block
+    of the other side whose positions span [other_min, other_max] and document ids
+    [other_doc_min, other_doc_max]. Index i is visible to position p when
+    ``p - before <= Positions[i] <= p + after``: (before, after) = (left, right) for keys seen
+    from queries, (right, left) for queries seen from keys."""
+    start += tl.zeros([], dtype=tl.int32)  # an index tensor even when the caller passes a constant
+    end += tl.zeros([], dtype=tl.int32)
+    first = start
+    stop = end
+    full_first = start
+    full_stop = end
+    if HAS_BEFORE:
+        first = _position_lower_bound(Positions, start, end, other_min - before)
+        full_first = _position_lower_bound(Positions, first, end, other_max - before)
+    if HAS_AFTER:
+        stop = _position_lower_bound(Positions, first, end, other_max + after + 1)
+        full_stop = _position_lower_bound(Positions, first, stop, other_min + after + 1)
+    if HAS_DOCUMENTS:
+        doc_first = _lower_bound(Documents, start, end, other_doc_min)
+        doc_stop = _lower_bound(Documents, doc_first, end, other_doc_max + 1)
+        first = tl.maximum(first, doc_first)
+        stop = tl.minimum(stop, doc_stop)
+        full_first = tl.maximum(full_first, doc_first)
+        # A block spanning several documents sees no index of the other side entirely.
+        full_stop = tl.where(other_doc_min == other_doc_max, tl.minimum(full_stop, doc_stop), full_first)
+    return _stage_bounds(first, full_first, full_stop, stop, BLOCK)
+
+
+@triton.jit
+def span(values, valid):
+    """(min, max) of the valid entries of a 1-D int64 block."""
+    return tl.min(tl.where(valid, values, _INT64_MAX), 0), tl.max(tl.where(valid, values, _INT64_MIN), 0)
+
+
+@triton.jit
+def visible_tile(
+    in_range, query_pos, key_pos, query_doc, key_doc, window_left, window_right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+):
+    """Bool tile for an edge block: the index exists (``in_range``), and the window and the
+    documents let the pair through. The arguments broadcast against each other ([BLOCK_M, 1]
+    against [1, BLOCK_N], or transposed for the dK/dV tiles)."""
+    visible = in_range
+    if HAS_LEFT:
+        visible = visible & (key_pos >= query_pos - window_left)
+    if HAS_RIGHT:
+        visible = visible & (key_pos <= query_pos + window_right)
+    if HAS_DOCUMENTS:
+        visible = visible & (query_doc == key_doc)
     return visible
 
 
@@ -51,8 +144,41 @@ def dropout_row_hash(seed, batch_head, query_pos):
 
 @triton.jit
 def dropout_keep(row_hash, key_pos, threshold):
-    """Second hash round over the tile: True where the attention probability is kept.
-
-    ``threshold`` is ``keep_threshold(dropout_p)`` (below 2**32 since dropout_p < 1)."""
-    bits = _fmix32(row_hash[:, None] ^ (key_pos.to(tl.uint32) * _KEY_MULT)[None, :])
+    """Second hash round over the tile (row_hash and key_pos broadcast against each other): True
+    where the attention probability is kept. ``threshold`` is ``keep_threshold(dropout_p)``."""
+    bits = _fmix32(row_hash ^ (key_pos.to(tl.uint32) * _KEY_MULT))
     return bits >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def stage_range(stage: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Index bounds of stage 0 (masked edge), 1 (unmasked) or 2 (masked edge) of ``visible_stages``."""
+    if stage == 0:
+        start, stop = lo, full_lo
+    elif stage == 1:
+        start, stop = full_lo, full_hi
+    else:
+        start, stop = full_hi, hi
+    return start, stop
+
+
+@triton.jit
+def query_block(
+    QueryPos, QueryDoc, KeyPos, KeyDoc, offs_m, row_in_range, N, window_left, window_right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DOCUMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """A block of query rows (forward and dQ): (positions, document ids, and the stage bounds over
+    the keys of ``visible_stages``). The rows need not be sorted (a block may straddle two
+    segments): their span bounds what they see. QueryDoc and KeyDoc point at this batch's ids."""
+    query_pos = tl.load(QueryPos + offs_m, mask=row_in_range, other=0)
+    pos_min, pos_max = span(query_pos, row_in_range)
+    query_doc = query_pos  # unused without documents
+    doc_min, doc_max = pos_min, pos_max
+    if HAS_DOCUMENTS:
+        query_doc = tl.load(QueryDoc + offs_m, mask=row_in_range, other=0)
+        doc_min, doc_max = span(query_doc, row_in_range)
+    lo, full_lo, full_hi, hi = visible_stages(
+        KeyPos, KeyDoc, 0, N, pos_min, pos_max, doc_min, doc_max, window_left, window_right,
+        HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS, BLOCK_N,
+    )
+    return query_pos, query_doc, lo, full_lo, full_hi, hi
