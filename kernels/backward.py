@@ -10,10 +10,10 @@ P = exp((s - row_max) - row_log_sum) the globally normalised probabilities on th
 Two kernels, so that every output element is written by exactly one program in a fixed order
 (bitwise deterministic, no atomics):
 - ``_backward_dkdv_kernel``: one program per BLOCK_N keys of one (batch, key/value head). For
-  each query segment it finds by binary search the rows that may see its keys (rows ascend
-  within a segment), and loops over them for each of the query heads that share the key/value
-  head (GQA), accumulating dK and dV in registers; it then *adds* them into the float32
-  accumulators, which only it touches.
+  each of the query heads that share the key/value head (GQA) and each query segment, it finds
+  by binary search the rows that may see its keys (rows ascend within a segment) and loops over
+  them, accumulating dK and dV in registers, starting from what the float32 accumulators hold
+  (only this program touches those rows), and stores the sums back.
 - ``_backward_dq_kernel``: one program per BLOCK_M query rows of one (batch, query head), over the
   key blocks its rows may see, as in the forward.
 Rows with ``row_max = -inf`` (no key visible on any rank) get P = 0 and contribute nothing.
@@ -30,6 +30,7 @@ from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, BACKWARD_DKDV_CONFIGS, B
 from lightning_mqsp.kernels.visibility import (
     dropout_keep,
     dropout_row_hash,
+    key_block_visibility,
     query_block,
     stage_range,
     visible_stages,
@@ -71,18 +72,12 @@ def _dq_stage(
         v = load_tile(tile_pointers(V, start_n, stride_vn, stride_vd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, MASKED)
         scores = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), cap_scale, SOFTCAP)
         p = _probabilities(scores, unit, row_max[:, None], row_log_sum_log2[:, None])
-        if MASKED or DROPOUT:
-            key_pos = load_vector(KeyPos + offs_n, key_in_range, 0, MASKED)
-        if MASKED:
-            key_doc = key_pos
-            if HAS_DOCUMENTS:
-                key_doc = load_vector(KeyDoc + offs_n, key_in_range, 0, MASKED)
-            visible = visible_tile(key_in_range[None, :], query_pos[:, None], key_pos[None, :], query_doc[:, None],
-                                   key_doc[None, :], window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS)
+        visible, key_pos = key_block_visibility(
+            KeyPos, KeyPadding, KeyDoc, offs_n, key_in_range, query_pos, query_doc, stride_pad_n, window_left, window_right,
+            MASKED, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, DROPOUT,
+        )
+        if MASKED or HAS_PADDING:
             p = tl.where(visible, p, 0.0)
-        if HAS_PADDING:
-            attends = load_vector(KeyPadding + offs_n * stride_pad_n, key_in_range, 0, MASKED) != 0
-            p = tl.where(attends[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             # The forward's mask, redrawn from the same counters: dropout scales dP as it scaled P.
@@ -264,21 +259,23 @@ def _backward_dkdv_kernel(
     dk = load_tile(grad_key, key_in_range, HEAD_DIM, BLOCK_D, True)
     dv = load_tile(grad_value, key_in_range, HEAD_DIM, BLOCK_D, True)
     segment_rows = M // query_segments
-    # Segments, then query heads, then stages: a fixed order, so the sums are bitwise deterministic.
-    for segment in range(query_segments):
-        segment_start = segment * segment_rows
-        segment_end = segment_start + segment_rows
-        # A row at position p sees this block's keys k when k - right <= p <= k + left.
-        lo, full_lo, full_hi, hi = visible_stages(
-            QueryPos, QueryDoc, segment_start, segment_end, key_min, key_max, doc_min, doc_max, window_right, window_left,
-            HAS_RIGHT, HAS_LEFT, HAS_DOCUMENTS, BLOCK_M,
-        )
-        for group_index in range(group_size):
-            head = kv_head * group_size + group_index
-            batch_head = batch * num_heads + head
-            Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-            DOut_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-            row_stats = batch_head.to(tl.int64) * M
+    # Query heads, then segments, then stages: a fixed order, so the sums are bitwise deterministic. (Heads
+    # outside: the segments' bounds are found again for each head, but none stay live across the head loop,
+    # which keeps dK and dV in registers at D = 128.)
+    for group_index in range(group_size):
+        head = kv_head * group_size + group_index
+        batch_head = batch * num_heads + head
+        Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        DOut_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        row_stats = batch_head.to(tl.int64) * M
+        for segment in range(query_segments):
+            segment_start = segment * segment_rows
+            segment_end = segment_start + segment_rows
+            # A row at position p sees this block's keys k when k - right <= p <= k + left.
+            lo, full_lo, full_hi, hi = visible_stages(
+                QueryPos, QueryDoc, segment_start, segment_end, key_min, key_max, doc_min, doc_max, window_right, window_left,
+                HAS_RIGHT, HAS_LEFT, HAS_DOCUMENTS, BLOCK_M,
+            )
             for stage in tl.static_range(3):  # masked edge, rows that see every key of the block (no mask), masked edge
                 stage_lo, stage_hi = stage_range(stage, lo, full_lo, full_hi, hi)
                 dk, dv = _dkdv_stage(

@@ -22,9 +22,9 @@ import triton.language as tl
 from torch import Tensor
 
 from lightning_mqsp.kernels.arguments import KernelVisibility, dot_precision
-from lightning_mqsp.kernels.tiles import LOG2E, capped, load_tile, load_vector, store_tile, tile_pointers
+from lightning_mqsp.kernels.tiles import LOG2E, capped, load_tile, store_tile, tile_pointers
 from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, FORWARD_CONFIGS, prune_configs
-from lightning_mqsp.kernels.visibility import dropout_keep, dropout_row_hash, query_block, stage_range, visible_tile
+from lightning_mqsp.kernels.visibility import dropout_keep, dropout_row_hash, key_block_visibility, query_block, stage_range
 
 
 @triton.jit
@@ -46,19 +46,12 @@ def _forward_stage(
         key_in_range = offs_n < N
         k = load_tile(tile_pointers(K, start_n, stride_kn, stride_kd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, MASKED)
         scores = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), cap_scale, SOFTCAP)
-        if MASKED or DROPOUT:
-            key_pos = load_vector(KeyPos + offs_n, key_in_range, 0, MASKED)
-        if MASKED:
-            key_doc = key_pos
-            if HAS_DOCUMENTS:
-                key_doc = load_vector(KeyDoc + offs_n, key_in_range, 0, MASKED)
-            visible = visible_tile(key_in_range[None, :], query_pos[:, None], key_pos[None, :], query_doc[:, None],
-                                   key_doc[None, :], window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS)
+        visible, key_pos = key_block_visibility(
+            KeyPos, KeyPadding, KeyDoc, offs_n, key_in_range, query_pos, query_doc, stride_pad_n, window_left, window_right,
+            MASKED, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, DROPOUT,
+        )
+        if MASKED or HAS_PADDING:
             scores = tl.where(visible, scores, float("-inf"))
-        if HAS_PADDING:
-            attends = load_vector(KeyPadding + offs_n * stride_pad_n, key_in_range, 0, MASKED) != 0
-            scores = tl.where(attends[None, :], scores, float("-inf"))
-
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # A row with no visible key yet keeps m = -inf; shifting it by 0 instead gives exp2(-inf) = 0, not NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lightning_mqsp import dropout as _torch_dropout
+from lightning_mqsp.kernels.tiles import load_vector
 
 # The same odd multipliers as the torch hash, taken from it so the two cannot drift apart.
 _HEAD_MULT = tl.constexpr(_torch_dropout._HEAD_MULT)
@@ -121,6 +122,32 @@ def visible_tile(
     if HAS_DOCUMENTS:
         visible = visible & (query_doc == key_doc)
     return visible
+
+
+@triton.jit
+def key_block_visibility(
+    KeyPos, KeyPadding, KeyDoc, offs_n, key_in_range, query_pos, query_doc, stride_pad_n, window_left, window_right,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_DOCUMENTS: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """(visible, key positions) of a block of keys seen from a block of query rows (forward and dQ).
+
+    ``visible`` ([BLOCK_M, BLOCK_N], or [1, BLOCK_N] with padding alone) means something only when
+    MASKED (an edge block) or HAS_PADDING (applied in every block: it is cheap); the positions are
+    loaded when MASKED or DROPOUT (for the hash)."""
+    visible = key_in_range[None, :]
+    key_pos = offs_n
+    if MASKED or DROPOUT:
+        key_pos = load_vector(KeyPos + offs_n, key_in_range, 0, MASKED)
+    if MASKED:
+        key_doc = key_pos
+        if HAS_DOCUMENTS:
+            key_doc = load_vector(KeyDoc + offs_n, key_in_range, 0, MASKED)
+        visible = visible_tile(visible, query_pos[:, None], key_pos[None, :], query_doc[:, None], key_doc[None, :],
+                               window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS)
+    if HAS_PADDING:
+        visible = visible & (load_vector(KeyPadding + offs_n * stride_pad_n, key_in_range, 0, MASKED) != 0)[None, :]
+    return visible, key_pos
 
 
 @triton.jit
