@@ -49,6 +49,7 @@ if not tuning.INTERPRET or not isinstance(triton.language.standard.max, Interpre
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 TRITON = get_backend("triton")
 REFERENCE = get_backend("reference")
+REPO = Path(__file__).parent.parent
 
 
 @dataclass(frozen=True)
@@ -404,3 +405,17 @@ def test_mqsp_attention_on_two_gloo_ranks_matches_single_process_float64(tmp_pat
             for name, error in by_tensor.items():
                 assert error <= 1e-5, f"rank {rank}, {run}: {name} relative error {error}"
 
+
+def test_gpu_check_runs_end_to_end_on_tiny_shapes(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py is run on a GPU machine with little time to spare: its CPU-side code
+    (inputs, references, MQSP positions, timing harness, report) runs here, on tiny shapes."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    gpu_check.main(["--dry-run", "--out", str(tmp_path / "gpu_check.json")])
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert not written["errors"], written["errors"]
+    assert written["correctness"] and all(row["passed"] for row in written["correctness"])
+    assert {"kernels", "mqsp", "one_rank_of_8"} <= set(written["timings"])
