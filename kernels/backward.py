@@ -33,8 +33,8 @@ from lightning_mqsp.kernels.visibility import (
     key_block_visibility,
     query_block,
     stage_range,
+    streamed_block_visibility,
     visible_stages,
-    visible_tile,
 )
 
 
@@ -175,14 +175,11 @@ def _dkdv_stage(
         delta = load_vector(Delta + offs_m, row_in_range, 0.0, MASKED)
         scores_t = capped(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), cap_scale, SOFTCAP)
         p_t = _probabilities(scores_t, unit, row_max[None, :], row_log_sum_log2[None, :])
-        if MASKED or DROPOUT:
-            query_pos = load_vector(QueryPos + offs_m, row_in_range, 0, MASKED)
+        visible, query_pos = streamed_block_visibility(
+            QueryPos, QueryDoc, offs_m, row_in_range, key_pos, key_doc, window_left, window_right,
+            False, MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS, DROPOUT,
+        )
         if MASKED:
-            query_doc = query_pos
-            if HAS_DOCUMENTS:
-                query_doc = load_vector(QueryDoc + offs_m, row_in_range, 0, MASKED)
-            visible = visible_tile(row_in_range[None, :], query_pos[None, :], key_pos[:, None], query_doc[None, :],
-                                   key_doc[:, None], window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS)
             p_t = tl.where(visible, p_t, 0.0)
         if HAS_PADDING:
             p_t = tl.where(key_attends[:, None], p_t, 0.0)

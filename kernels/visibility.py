@@ -125,26 +125,46 @@ def visible_tile(
 
 
 @triton.jit
+def streamed_block_visibility(
+    Positions, Documents, offs, in_range, fixed_pos, fixed_doc, window_left, window_right,
+    STREAMING_KEYS: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_DOCUMENTS: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """(visible, positions) of the block ``offs`` of the streamed side, seen from the program's fixed
+    block (positions ``fixed_pos``, documents ``fixed_doc``). Keys stream past query rows in the forward
+    and dQ kernels (tiles [BLOCK_M, BLOCK_N]), rows past keys in dK/dV (tiles [BLOCK_N, BLOCK_M]).
+
+    ``visible`` means something only when MASKED (an edge block); the positions are loaded when
+    MASKED or DROPOUT (for the hash)."""
+    visible = in_range[None, :]
+    positions = offs
+    if MASKED or DROPOUT:
+        positions = load_vector(Positions + offs, in_range, 0, MASKED)
+    if MASKED:
+        documents = positions
+        if HAS_DOCUMENTS:
+            documents = load_vector(Documents + offs, in_range, 0, MASKED)
+        if STREAMING_KEYS:
+            visible = visible_tile(visible, fixed_pos[:, None], positions[None, :], fixed_doc[:, None], documents[None, :],
+                                   window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS)
+        else:
+            visible = visible_tile(visible, positions[None, :], fixed_pos[:, None], documents[None, :], fixed_doc[:, None],
+                                   window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS)
+    return visible, positions
+
+
+@triton.jit
 def key_block_visibility(
     KeyPos, KeyPadding, KeyDoc, offs_n, key_in_range, query_pos, query_doc, stride_pad_n, window_left, window_right,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_DOCUMENTS: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """(visible, key positions) of a block of keys seen from a block of query rows (forward and dQ).
-
-    ``visible`` ([BLOCK_M, BLOCK_N], or [1, BLOCK_N] with padding alone) means something only when
-    MASKED (an edge block) or HAS_PADDING (applied in every block: it is cheap); the positions are
-    loaded when MASKED or DROPOUT (for the hash)."""
-    visible = key_in_range[None, :]
-    key_pos = offs_n
-    if MASKED or DROPOUT:
-        key_pos = load_vector(KeyPos + offs_n, key_in_range, 0, MASKED)
-    if MASKED:
-        key_doc = key_pos
-        if HAS_DOCUMENTS:
-            key_doc = load_vector(KeyDoc + offs_n, key_in_range, 0, MASKED)
-        visible = visible_tile(visible, query_pos[:, None], key_pos[None, :], query_doc[:, None], key_doc[None, :],
-                               window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS)
+    """``streamed_block_visibility`` of a key block (forward and dQ), with the key padding, which is
+    applied in every block (it is cheap): ``visible`` means something when MASKED or HAS_PADDING."""
+    visible, key_pos = streamed_block_visibility(
+        KeyPos, KeyDoc, offs_n, key_in_range, query_pos, query_doc, window_left, window_right,
+        True, MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS, DROPOUT,
+    )
     if HAS_PADDING:
         visible = visible & (load_vector(KeyPadding + offs_n * stride_pad_n, key_in_range, 0, MASKED) != 0)[None, :]
     return visible, key_pos
