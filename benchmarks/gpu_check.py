@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import sys
@@ -287,6 +288,12 @@ def simulated_rank_steps(sizes: Sizes, rank: int, causal: bool) -> list[Visibili
     return steps
 
 
+def run_micro_steps(passes: list[tuple[Callable[[], object], Callable[[], object]]], which: int) -> None:
+    """Every micro-step's forward (which = 0) or forward+backward (which = 1), one after the other."""
+    for fns in passes:
+        fns[which]()
+
+
 def time_one_rank_of_many(sizes: Sizes, deadline: float) -> list[dict[str, object]]:
     """Section 3: rank 0 of P zigzag ranks at S, micro-step by micro-step, against flash SDPA's S^2 / P share."""
     rows = []
@@ -308,16 +315,12 @@ def time_one_rank_of_many(sizes: Sizes, deadline: float) -> list[dict[str, objec
             step_inputs = [{"q": randn(step.query_positions.numel()), "k": k, "v": v,
                             "dout": randn(step.query_positions.numel())} for step in steps]
             passes = [kernel_forward_backward(t, step, d**-0.5) for t, step in zip(step_inputs, steps)]
-
-            def run_all(which: int) -> None:
-                for fns in passes:
-                    fns[which]()
-
             full = {name: randn(seq) for name in ("q", "k", "v", "dout")}
             flash = flash_sdpa(full["q"], full["k"], full["v"], full["dout"], causal)
             row: dict[str, object] = {"seq": seq, "ranks": ranks, "head_dim": d, "causal": causal, "heads": heads,
                                       "micro_steps": len(steps), "gathered_rows": rows_per_step, "local_keys": local}
-            row["fwd_ms"], row["fwd_bwd_ms"] = time_ms(lambda: run_all(0), sizes.device), time_ms(lambda: run_all(1), sizes.device)
+            row["fwd_ms"] = time_ms(functools.partial(run_micro_steps, passes, 0), sizes.device)
+            row["fwd_bwd_ms"] = time_ms(functools.partial(run_micro_steps, passes, 1), sizes.device)
             row["flash_share_fwd_ms"] = time_ms(flash[0], sizes.device) / ranks
             row["flash_share_fwd_bwd_ms"] = time_ms(flash[1], sizes.device) / ranks
             row["fwd_ratio"] = row["flash_share_fwd_ms"] / row["fwd_ms"]
