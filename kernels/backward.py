@@ -1,22 +1,22 @@
 """Backward kernels: this rank's share of dQ, dK and dV, recomputing the score tiles.
 
-Fed with the *global* row log-sum-exp ``lse`` and ``delta = rowsum(dO * O)`` of the merged
-output, the ordinary flash backward yields exactly the local terms of MQSP's gradient
-(DESIGN.md, section 2): with P = exp(S - lse) the globally normalised probabilities on this
-rank's keys,
+Fed with the *global* row statistics ``row_max`` and ``row_log_sum`` and ``delta = rowsum(dO * O)``
+of the merged output, the flash backward yields exactly the local terms of MQSP's gradient: with
+P = exp((s - row_max) - row_log_sum) the globally normalised probabilities on this rank's keys,
 
-    dV = P_drop^T dO,   dP = dO V^T (dropped like P),   dS = P * (dP - delta),
+    dV = P_drop^T dO,   dP = dO V^T (dropped like P),   dS = P * (dP - delta) [* (1 - tanh^2) when capped],
     dK = scale * dS^T Q,   dQ = scale * dS K      (dQ partial: summed over ranks by the caller)
 
 Two kernels, so that every output element is written by exactly one program in a fixed order
 (bitwise deterministic, no atomics):
-- ``_backward_dkdv_kernel``: one program per BLOCK_N keys of one (batch, key/value head). It
-  loops over the GROUP_SIZE query heads sharing that key/value head (GQA) and over all query
-  blocks, accumulating dK and dV in registers.
-- ``_backward_dq_kernel``: one program per BLOCK_M query rows of one (batch, query head),
-  looping over the key blocks.
-Both recompute P from Q, K and lse rather than storing it; rows with ``lse = -inf`` (no key
-visible on any rank) get P = 0 and contribute nothing.
+- ``_backward_dkdv_kernel``: one program per BLOCK_N keys of one (batch, key/value head). For
+  each of the query heads that share the key/value head (GQA) and each query segment, it finds
+  by binary search the rows that may see its keys (rows ascend within a segment) and loops over
+  them, accumulating dK and dV in registers, starting from what the float32 accumulators hold
+  (only this program touches those rows), and stores the sums back.
+- ``_backward_dq_kernel``: one program per BLOCK_M query rows of one (batch, query head), over the
+  key blocks its rows may see, as in the forward.
+Rows with ``row_max = -inf`` (no key visible on any rank) get P = 0 and contribute nothing.
 """
 
 import torch
@@ -24,212 +24,285 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_mqsp.kernels.forward import LOG2E, block_head_dim, dot_precision
-from lightning_mqsp.kernels.masks import dropout_keep, dropout_row_hash, visible_tile
-from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, BACKWARD_DKDV_CONFIGS, BACKWARD_DQ_CONFIGS
+from lightning_mqsp.kernels.arguments import KernelVisibility, dot_precision
+from lightning_mqsp.kernels.tiles import LOG2E, capped, load_tile, load_vector, store_tile, tile_pointers
+from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, BACKWARD_DKDV_CONFIGS, BACKWARD_DQ_CONFIGS, prune_configs
+from lightning_mqsp.kernels.visibility import (
+    dropout_keep,
+    dropout_row_hash,
+    key_block_visibility,
+    query_block,
+    stage_range,
+    streamed_block_visibility,
+    visible_stages,
+)
 
 
 @triton.jit
-def _lse_log2(lse):
-    """The global lse in base 2; -inf (row with no visible key) becomes +inf so that P = 2^(S - lse) = 0."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+def _normaliser(row_max, row_log_sum):
+    """(row_max, row_log_sum in base 2) for ``_probabilities``; a row with no visible key anywhere
+    (row_max = -inf) gets row_max = +inf, so that its P is exp2(-inf) = 0."""
+    return tl.where(row_max == float("-inf"), float("inf"), row_max), row_log_sum * LOG2E
 
 
-@triton.autotune(configs=BACKWARD_DKDV_CONFIGS, key=AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
-def _backward_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, QueryPos, KeyPos, KeyPadding, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_pad_b, stride_pad_n,
-    num_heads, num_kv_heads, M, N,
-    scale, scale_log2,
-    dropout_seed, dropout_threshold, dropout_rescale,
-    GROUP_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+@triton.jit
+def _probabilities(scores, unit, row_max, row_log_sum_log2):
+    """P = exp((s - row_max) - row_log_sum) with s = scores * unit: the difference to the maximum is
+    taken first, so a large row_max costs no precision."""
+    return tl.math.exp2((scores * unit - row_max) * LOG2E - row_log_sum_log2)
+
+
+@triton.jit
+def _dq_stage(
+    dq, q, do, row_max, row_log_sum_log2, delta, query_pos, query_doc, row_hash,
+    K, V, KeyPos, KeyPadding, KeyDoc,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pad_n,
+    lo, hi, N, window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    batch_kv_head = tl.program_id(1)
-    batch = batch_kv_head // num_kv_heads
-    kv_head = batch_kv_head % num_kv_heads
-
-    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    key_in_range = offs_n < N
-    d_in_range = offs_d < HEAD_DIM
-    kv_mask = key_in_range[:, None] & d_in_range[None, :]
-
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
-    key_pos = tl.load(KeyPos + offs_n, mask=key_in_range, other=0x7FFFFFFFFFFFFFFF)
-    key_attends = key_in_range
-    if HAS_PADDING:
-        padding = tl.load(KeyPadding + batch * stride_pad_b + offs_n * stride_pad_n, mask=key_in_range, other=0)
-        key_attends = key_attends & (padding != 0)
-    # The earliest key of the block: query blocks that all lie before it are skipped when causal.
-    first_key_pos = tl.min(key_pos, 0)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # The query heads of this key/value head are summed here, in a fixed order: GQA without atomics.
-    for group_index in range(GROUP_SIZE):
-        head = kv_head * GROUP_SIZE + group_index
-        batch_head = batch * num_heads + head
-        q_base = Q + batch * stride_qb + head * stride_qh
-        do_base = DOut + batch * stride_dob + head * stride_doh
-        for start_m in range(0, M, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_in_range = offs_m < M
-            query_pos = tl.load(QueryPos + offs_m, mask=row_in_range, other=-1)
-            if CAUSAL:
-                any_visible = tl.max(query_pos, 0) >= first_key_pos
-            else:
-                any_visible = True
-            if any_visible:
-                row_mask = row_in_range[:, None] & d_in_range[None, :]
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
-                lse_log2 = _lse_log2(tl.load(Lse + batch_head * M + offs_m, mask=row_in_range, other=0.0))
-                delta = tl.load(Delta + batch_head * M + offs_m, mask=row_in_range, other=0.0)
-
-                scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-                visible = visible_tile(query_pos, key_pos, row_in_range, key_attends, CAUSAL)
-                p = tl.where(visible, tl.math.exp2(scores - lse_log2[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                if DROPOUT:
-                    # The forward's mask, redrawn from the same counters: dropout scales P and dP alike.
-                    keep = dropout_keep(dropout_row_hash(dropout_seed, batch_head, query_pos), key_pos, dropout_threshold)
-                    p_dropped = tl.where(keep, p * dropout_rescale, 0.0)
-                    dp = tl.where(keep, dp * dropout_rescale, 0.0)
-                else:
-                    p_dropped = p
-                dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-
-    out_offsets = (batch_kv_head * N + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_offsets, dk * scale, mask=kv_mask)
-    tl.store(DV + out_offsets, dv, mask=kv_mask)
+    """dQ (unscaled) over the key blocks [lo, hi); MASKED as in the forward's stages."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in_range = offs_n < N
+        k = load_tile(tile_pointers(K, start_n, stride_kn, stride_kd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, MASKED)
+        v = load_tile(tile_pointers(V, start_n, stride_vn, stride_vd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, MASKED)
+        scores = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), cap_scale, SOFTCAP)
+        p = _probabilities(scores, unit, row_max[:, None], row_log_sum_log2[:, None])
+        visible, key_pos = key_block_visibility(
+            KeyPos, KeyPadding, KeyDoc, offs_n, key_in_range, query_pos, query_doc, stride_pad_n, window_left, window_right,
+            MASKED, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, DROPOUT,
+        )
+        if MASKED or HAS_PADDING:
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            # The forward's mask, redrawn from the same counters: dropout scales dP as it scaled P.
+            keep = dropout_keep(row_hash[:, None], key_pos[None, :], dropout_threshold)
+            dp = tl.where(keep, dp * dropout_rescale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # d/dx [softcap * tanh(x / softcap)] = 1 - tanh^2
+            ds = ds * (1.0 - scores * scores)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
 
 
-@triton.autotune(configs=BACKWARD_DQ_CONFIGS, key=AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
+@triton.autotune(configs=BACKWARD_DQ_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs})
+@triton.jit(do_not_specialize=["M", "N", "dropout_threshold"])
 def _backward_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, QueryPos, KeyPos, KeyPadding, DQ,
+    Q, K, V, DOut, RowMax, RowLogSum, Delta, DQ,
+    QueryPos, KeyPos, KeyPadding, QueryDoc, KeyDoc, DropoutSeed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_pad_b, stride_pad_n,
-    num_heads, M, N,
-    scale, scale_log2,
-    dropout_seed, dropout_threshold, dropout_rescale,
-    GROUP_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_pad_b, stride_pad_n, stride_qdoc_b, stride_kdoc_b,
+    num_heads, group_size, M, N,
+    window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    kv_head = head // GROUP_SIZE
-
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    kv_head = head // group_size
+    first_row = block_m * BLOCK_M
+    offs_m = first_row + tl.arange(0, BLOCK_M)
     row_in_range = offs_m < M
-    d_in_range = offs_d < HEAD_DIM
-    row_mask = row_in_range[:, None] & d_in_range[None, :]
 
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_mask, other=0.0)
-    do = tl.load(DOut + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=row_mask, other=0.0)
-    lse_log2 = _lse_log2(tl.load(Lse + batch_head * M + offs_m, mask=row_in_range, other=0.0))
-    delta = tl.load(Delta + batch_head * M + offs_m, mask=row_in_range, other=0.0)
-    query_pos = tl.load(QueryPos + offs_m, mask=row_in_range, other=-1)
+    q = load_tile(tile_pointers(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, first_row, stride_qm,
+                                stride_qd, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, True)
+    do = load_tile(tile_pointers(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, first_row,
+                                 stride_dom, stride_dod, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, True)
+    row_stats = batch_head.to(tl.int64) * M + offs_m
+    row_max, row_log_sum_log2 = _normaliser(tl.load(RowMax + row_stats, mask=row_in_range, other=float("-inf")),
+                                            tl.load(RowLogSum + row_stats, mask=row_in_range, other=0.0))
+    delta = tl.load(Delta + row_stats, mask=row_in_range, other=0.0)
+    KeyDoc += batch.to(tl.int64) * stride_kdoc_b
+    query_pos, query_doc, lo, full_lo, full_hi, hi = query_block(
+        QueryPos, QueryDoc + batch.to(tl.int64) * stride_qdoc_b, KeyPos, KeyDoc, offs_m, row_in_range, N,
+        window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS, BLOCK_N,
+    )
+    row_hash = query_pos
     if DROPOUT:
-        row_hash = dropout_row_hash(dropout_seed, batch_head, query_pos)
-    last_query_pos = tl.max(query_pos, 0)
+        row_hash = dropout_row_hash(tl.load(DropoutSeed), batch_head, query_pos)
 
+    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    KeyPadding += batch.to(tl.int64) * stride_pad_b
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = K + batch * stride_kb + kv_head * stride_kh
-    v_base = V + batch * stride_vb + kv_head * stride_vh
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_in_range = offs_n < N
-        key_pos = tl.load(KeyPos + offs_n, mask=key_in_range, other=0x7FFFFFFFFFFFFFFF)
-        if CAUSAL:
-            any_visible = tl.min(key_pos, 0) <= last_query_pos
-        else:
-            any_visible = True
-        if any_visible:
-            key_attends = key_in_range
-            if HAS_PADDING:
-                padding = tl.load(KeyPadding + batch * stride_pad_b + offs_n * stride_pad_n, mask=key_in_range, other=0)
-                key_attends = key_attends & (padding != 0)
-            kv_mask = key_in_range[:, None] & d_in_range[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            visible = visible_tile(query_pos, key_pos, row_in_range, key_attends, CAUSAL)
-            p = tl.where(visible, tl.math.exp2(scores - lse_log2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if DROPOUT:
-                dp = tl.where(dropout_keep(row_hash, key_pos, dropout_threshold), dp * dropout_rescale, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-    tl.store(DQ + (batch_head * M + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * scale, mask=row_mask)
+    for stage in tl.static_range(3):  # masked edge, keys that every row sees (no mask), masked edge
+        stage_lo, stage_hi = stage_range(stage, lo, full_lo, full_hi, hi)
+        dq = _dq_stage(
+            dq, q, do, row_max, row_log_sum_log2, delta, query_pos, query_doc, row_hash, K, V, KeyPos, KeyPadding, KeyDoc,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_pad_n,
+            stage_lo, stage_hi, N, window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale,
+            stage != 1, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, SOFTCAP, DROPOUT,
+            DOT_PRECISION,
+        )
+    dq_pointers = tile_pointers(DQ + batch_head.to(tl.int64) * M * HEAD_DIM, first_row, HEAD_DIM, 1, BLOCK_M, BLOCK_D)
+    store_tile(dq_pointers, dq * scale, row_in_range, HEAD_DIM, BLOCK_D)
 
 
-def micro_q_backward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    dout: Tensor,
-    lse: Tensor,
-    delta: Tensor,
-    query_positions: Tensor,
-    key_positions: Tensor,
-    key_padding_mask: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    dropout_seed: int,
-    dropout_threshold: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq [B, H, M, D], dk [B, H_kv, N, D], dv [B, H_kv, N, D]), all float32.
+@triton.jit
+def _dkdv_stage(
+    dk, dv, k, v, key_pos, key_doc, key_attends,
+    Q, DOut, RowMax, RowLogSum, Delta, QueryPos, QueryDoc, seed, batch_head,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    lo, hi, segment_start, segment_end, window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale, scale,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK and dV of one key block over the query row blocks [lo, hi) of one segment and head, added
+    into ``dk`` and ``dv``. Tiles are transposed, [BLOCK_N keys, BLOCK_M rows], so the accumulators need no transpose.
+    MASKED: edge blocks, where the window, the documents or the segment's ends cut through the block."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_in_range = (offs_m >= segment_start) & (offs_m < segment_end)
+        q = load_tile(tile_pointers(Q, start_m, stride_qm, stride_qd, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, MASKED)
+        do = load_tile(tile_pointers(DOut, start_m, stride_dom, stride_dod, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D,
+                       MASKED)
+        row_max, row_log_sum_log2 = _normaliser(load_vector(RowMax + offs_m, row_in_range, float("-inf"), MASKED),
+                                                load_vector(RowLogSum + offs_m, row_in_range, 0.0, MASKED))
+        delta = load_vector(Delta + offs_m, row_in_range, 0.0, MASKED)
+        scores_t = capped(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), cap_scale, SOFTCAP)
+        p_t = _probabilities(scores_t, unit, row_max[None, :], row_log_sum_log2[None, :])
+        visible, query_pos = streamed_block_visibility(
+            QueryPos, QueryDoc, offs_m, row_in_range, key_pos, key_doc, window_left, window_right,
+            False, MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS, DROPOUT,
+        )
+        if MASKED:
+            p_t = tl.where(visible, p_t, 0.0)
+        if HAS_PADDING:
+            p_t = tl.where(key_attends[:, None], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        p_dropped_t = p_t
+        if DROPOUT:
+            keep = dropout_keep(dropout_row_hash(seed, batch_head, query_pos)[None, :], key_pos[:, None], dropout_threshold)
+            p_dropped_t = tl.where(keep, p_t * dropout_rescale, 0.0)
+            dp_t = tl.where(keep, dp_t * dropout_rescale, 0.0)
+        dv = tl.dot(p_dropped_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - scores_t * scores_t)
+        dk = tl.dot((ds_t * scale).to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
 
-    ``lse`` and ``delta`` [B, H, M] are the global (merged) row statistics; the other arguments
-    are those of ``micro_q_forward``.
-    """
+
+@triton.autotune(configs=BACKWARD_DKDV_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs},
+                 restore_value=["GradKey", "GradValue"])  # timing a config must not add into the accumulators
+@triton.jit(do_not_specialize=["M", "N", "dropout_threshold"])
+def _backward_dkdv_kernel(
+    Q, K, V, DOut, RowMax, RowLogSum, Delta, GradKey, GradValue,
+    QueryPos, KeyPos, KeyPadding, QueryDoc, KeyDoc, DropoutSeed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_gkb, stride_gkh, stride_gkn, stride_gkd,
+    stride_gvb, stride_gvh, stride_gvn, stride_gvd,
+    stride_pad_b, stride_pad_n, stride_qdoc_b, stride_kdoc_b,
+    num_heads, group_size, M, N, query_segments,
+    window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    block_n = tl.program_id(0)
+    batch_kv_head = tl.program_id(1)
+    num_kv_heads = num_heads // group_size
+    batch = batch_kv_head // num_kv_heads
+    kv_head = batch_kv_head % num_kv_heads
+    first_key = block_n * BLOCK_N
+    last_key = tl.minimum(first_key + BLOCK_N, N) - 1
+    offs_n = first_key + tl.arange(0, BLOCK_N)
+    key_in_range = offs_n < N
+
+    k = load_tile(tile_pointers(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, first_key, stride_kn,
+                                stride_kd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, True)
+    v = load_tile(tile_pointers(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, first_key, stride_vn,
+                                stride_vd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, True)
+    # Keys ascend: the block's first and last key bound the positions and documents it holds.
+    key_pos = tl.load(KeyPos + offs_n, mask=key_in_range, other=0)
+    key_min, key_max = tl.load(KeyPos + first_key), tl.load(KeyPos + last_key)
+    key_doc, doc_min, doc_max = key_pos, key_min, key_max  # unused without documents
+    QueryDoc += batch.to(tl.int64) * stride_qdoc_b
+    if HAS_DOCUMENTS:
+        KeyDoc += batch.to(tl.int64) * stride_kdoc_b
+        key_doc = tl.load(KeyDoc + offs_n, mask=key_in_range, other=0)
+        doc_min, doc_max = tl.load(KeyDoc + first_key), tl.load(KeyDoc + last_key)
+    key_attends = key_in_range
+    if HAS_PADDING:
+        key_attends = tl.load(KeyPadding + batch.to(tl.int64) * stride_pad_b + offs_n * stride_pad_n, mask=key_in_range,
+                              other=0) != 0
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(DropoutSeed)
+
+    # Accumulate straight into what the accumulators hold: this program is the only one that touches
+    # these rows, and no second [BLOCK_N, D] tile is live at the end (as an add after the loop would need).
+    grad_key = tile_pointers(GradKey + batch.to(tl.int64) * stride_gkb + kv_head.to(tl.int64) * stride_gkh, first_key,
+                             stride_gkn, stride_gkd, BLOCK_N, BLOCK_D)
+    grad_value = tile_pointers(GradValue + batch.to(tl.int64) * stride_gvb + kv_head.to(tl.int64) * stride_gvh, first_key,
+                               stride_gvn, stride_gvd, BLOCK_N, BLOCK_D)
+    dk = load_tile(grad_key, key_in_range, HEAD_DIM, BLOCK_D, True)
+    dv = load_tile(grad_value, key_in_range, HEAD_DIM, BLOCK_D, True)
+    segment_rows = M // query_segments
+    # Query heads, then segments, then stages: a fixed order, so the sums are bitwise deterministic. (Heads
+    # outside: the segments' bounds are found again for each head, but none stay live across the head loop,
+    # which keeps dK and dV in registers at D = 128.)
+    for group_index in range(group_size):
+        head = kv_head * group_size + group_index
+        batch_head = batch * num_heads + head
+        Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        DOut_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        row_stats = batch_head.to(tl.int64) * M
+        for segment in range(query_segments):
+            segment_start = segment * segment_rows
+            segment_end = segment_start + segment_rows
+            # A row at position p sees this block's keys k when k - right <= p <= k + left.
+            lo, full_lo, full_hi, hi = visible_stages(
+                QueryPos, QueryDoc, segment_start, segment_end, key_min, key_max, doc_min, doc_max, window_right, window_left,
+                HAS_RIGHT, HAS_LEFT, HAS_DOCUMENTS, BLOCK_M,
+            )
+            for stage in tl.static_range(3):  # masked edge, rows that see every key of the block (no mask), masked edge
+                stage_lo, stage_hi = stage_range(stage, lo, full_lo, full_hi, hi)
+                dk, dv = _dkdv_stage(
+                    dk, dv, k, v, key_pos, key_doc, key_attends,
+                    Q_head, DOut_head, RowMax + row_stats, RowLogSum + row_stats, Delta + row_stats, QueryPos, QueryDoc,
+                    seed, batch_head, stride_qm, stride_qd, stride_dom, stride_dod,
+                    stage_lo, stage_hi, segment_start, segment_end, window_left, window_right, cap_scale, unit,
+                    dropout_threshold, dropout_rescale, scale,
+                    stage != 1, HEAD_DIM, BLOCK_D, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, SOFTCAP, DROPOUT,
+                    DOT_PRECISION,
+                )
+
+    store_tile(grad_key, dk, key_in_range, HEAD_DIM, BLOCK_D)
+    store_tile(grad_value, dv, key_in_range, HEAD_DIM, BLOCK_D)
+
+
+def partial_attention_backward(
+    q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
+    grad_key: Tensor, grad_value: Tensor, visibility: KernelVisibility, scale: float,
+) -> Tensor:
+    """dq [B, H, M, D] float32; adds dK and dV into grad_key and grad_value ([B, H_kv, N, D] float32).
+
+    q, dout [B, H, M, D] and k, v [B, H_kv, N, D] in one dtype; row_max, row_log_sum and delta are
+    the global (merged) row statistics, [B, H, M] contiguous float32."""
     batch, heads, rows, head_dim = q.shape
     num_kv_heads, num_keys = k.size(1), k.size(2)
-    lse = lse.float().contiguous()
-    delta = delta.float().contiguous()
     dq = torch.empty((batch, heads, rows, head_dim), dtype=torch.float32, device=q.device)
-    dk = torch.empty((batch, num_kv_heads, num_keys, head_dim), dtype=torch.float32, device=q.device)
-    dv = torch.empty_like(dk)
-    padding = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else query_positions
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    shared = dict(
-        GROUP_SIZE=heads // num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_head_dim(head_dim),
-        CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=dot_precision(q.dtype),
-    )
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *pad_strides)
-    dropout_args = (dropout_seed, dropout_threshold, 1.0 / (1.0 - dropout_p))
+    shared = (*visibility.strides, heads, heads // num_kv_heads, rows, num_keys)
+    scalars = (*visibility.scalars(scale), scale)
+    flags = dict(**visibility.flags(head_dim), DOT_PRECISION=dot_precision(q.dtype))
 
     def dkdv_grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(num_keys, meta["BLOCK_N"]), batch * num_kv_heads
@@ -237,12 +310,12 @@ def micro_q_backward(
     def dq_grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(rows, meta["BLOCK_M"]), batch * heads
 
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     _backward_dkdv_kernel[dkdv_grid](
-        q, k, v, dout, lse, delta, query_positions, key_positions, padding, dk, dv,
-        *strides, heads, num_kv_heads, rows, num_keys, scale, scale * LOG2E, *dropout_args, **shared,
+        q, k, v, dout, row_max, row_log_sum, delta, grad_key, grad_value, *visibility.pointers,
+        *inputs, *grad_key.stride(), *grad_value.stride(), *shared, visibility.query_segments, *scalars, **flags,
     )
     _backward_dq_kernel[dq_grid](
-        q, k, v, dout, lse, delta, query_positions, key_positions, padding, dq,
-        *strides, heads, rows, num_keys, scale, scale * LOG2E, *dropout_args, **shared,
+        q, k, v, dout, row_max, row_log_sum, delta, dq, *visibility.pointers, *inputs, *shared, *scalars, **flags,
     )
-    return dq, dk, dv
+    return dq

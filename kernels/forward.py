@@ -1,182 +1,151 @@
-"""Forward kernel: the partial attention of gathered query rows against this rank's keys.
+"""Forward kernel: the partial attention of (gathered) query rows against this rank's keys.
 
-Flash-attention style (as in Triton's fused-attention tutorial): one program owns BLOCK_M
-query rows of one (batch, head) and streams the local keys and values in blocks of BLOCK_N,
-keeping a running row maximum ``m_i``, a running softmax denominator ``l_i`` and an
-un-normalised output accumulator. The score tile lives only in registers.
+Flash-attention style, after Triton's fused-attention tutorial: one program owns BLOCK_M query
+rows of one (batch, head) and streams the keys and values in blocks of BLOCK_N, keeping a
+running row maximum ``m_i``, a running sum ``l_i`` and an un-normalised output accumulator; the
+score tile lives only in registers. The key blocks a program visits are bounded by binary search
+on the key positions (``visibility.visible_stages``): masked edge stages around an unmasked
+main stage of keys that every row of the block sees.
 
-What differs from the tutorial, and why:
-- Masks come from *global* positions (``query_positions`` [M], ``key_positions`` [N]) and an
-  optional key-padding mask, because MQSP's rows and keys are scattered over the sequence.
-- A row may see no key at all on this rank; it must come out as ``lse = -inf`` and
-  ``out = 0`` so that the cross-rank merge ignores it. Every exp is taken relative to a finite
-  shift to keep NaN out.
-- The output is the *partial* result in float32 (the merge across ranks needs full precision),
-  together with the row log-sum-exp in natural-log units.
-- Dropout multiplies the probabilities by a counter-based keep mask (see ``masks.py``); the
-  denominator ``l_i`` sums the probabilities *before* dropout, as ``softmax`` then ``dropout`` does.
+What the result is (``lightning_mqsp.backends``): ``out`` normalised over the visible keys, the
+row's largest visible score ``row_max`` in natural units, exactly one of the computed scores,
+and ``row_log_sum = log sum_j exp(s_j - row_max)``; a row with no visible key gets -inf, 0 and
+0. Scores are kept in units of ``unit`` (raw q.k with unit = scale, or tanh(q.k scale / softcap)
+with unit = softcap), so that the maximum is tracked on the values themselves. Dropout
+multiplies the probabilities by the counter-based keep mask after the sum ``l_i`` took them,
+as ``softmax`` then ``dropout`` does.
 """
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_mqsp.kernels.masks import dropout_keep, dropout_row_hash, visible_tile
-from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, FORWARD_CONFIGS
+from lightning_mqsp.kernels.arguments import KernelVisibility, dot_precision
+from lightning_mqsp.kernels.tiles import LOG2E, capped, load_tile, store_tile, tile_pointers
+from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, FORWARD_CONFIGS, prune_configs
+from lightning_mqsp.kernels.visibility import dropout_keep, dropout_row_hash, key_block_visibility, query_block, stage_range
 
-LOG2E: float = math.log2(math.e)
+
+@triton.jit
+def _forward_stage(
+    acc, l_i, m_i, q, query_pos, query_doc, row_hash,
+    K, V, KeyPos, KeyPadding, KeyDoc,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pad_n,
+    lo, hi, N, window_left, window_right, cap_scale, unit_log2, dropout_threshold, dropout_rescale,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The online softmax over the key blocks [lo, hi); MASKED: edge blocks, where the window, the
+    documents or the end of the keys cut through the block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in_range = offs_n < N
+        k = load_tile(tile_pointers(K, start_n, stride_kn, stride_kd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, MASKED)
+        scores = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), cap_scale, SOFTCAP)
+        visible, key_pos = key_block_visibility(
+            KeyPos, KeyPadding, KeyDoc, offs_n, key_in_range, query_pos, query_doc, stride_pad_n, window_left, window_right,
+            MASKED, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, DROPOUT,
+        )
+        if MASKED or HAS_PADDING:
+            scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row with no visible key yet keeps m = -inf; shifting it by 0 instead gives exp2(-inf) = 0, not NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2((scores - shift[:, None]) * unit_log2)
+        alpha = tl.math.exp2((m_i - shift) * unit_log2)  # rescales what was summed under the old maximum
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = dropout_keep(row_hash[:, None], key_pos[None, :], dropout_threshold)
+            p = tl.where(keep, p * dropout_rescale, 0.0)
+        v = load_tile(tile_pointers(V, start_n, stride_vn, stride_vd, BLOCK_N, BLOCK_D), key_in_range, HEAD_DIM, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY)
-# A fresh dropout seed every step: not specialising on its value avoids a recompile per step.
-@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
+@triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs})
+@triton.jit(do_not_specialize=["M", "N", "dropout_threshold"])
 def _forward_kernel(
-    Q, K, V, QueryPos, KeyPos, KeyPadding, Out, Lse,
+    Q, K, V, Out, RowMax, RowLogSum,
+    QueryPos, KeyPos, KeyPadding, QueryDoc, KeyDoc, DropoutSeed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pad_b, stride_pad_n,
-    num_heads, M, N,
-    scale_log2,  # softmax scale * log2(e): scores are kept in base 2 so exp2 can be used
-    dropout_seed, dropout_threshold, dropout_rescale,
-    GROUP_SIZE: tl.constexpr,  # query heads per key/value head (GQA); 1 without GQA
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_pad_b, stride_pad_n, stride_qdoc_b, stride_kdoc_b,
+    num_heads, group_size, M, N,
+    window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    # GQA: the key/value head is shared by GROUP_SIZE consecutive query heads; index it, never copy.
-    kv_head = head // GROUP_SIZE
-
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    kv_head = head // group_size  # GQA: index the shared key/value head, never copy it
+    first_row = block_m * BLOCK_M
+    offs_m = first_row + tl.arange(0, BLOCK_M)
     row_in_range = offs_m < M
-    d_in_range = offs_d < HEAD_DIM  # BLOCK_D is HEAD_DIM rounded up to a power of two
 
-    q = tl.load(
-        Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_in_range[:, None] & d_in_range[None, :], other=0.0,
+    q = load_tile(tile_pointers(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, first_row, stride_qm,
+                                stride_qd, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, True)
+    KeyDoc += batch.to(tl.int64) * stride_kdoc_b
+    query_pos, query_doc, lo, full_lo, full_hi, hi = query_block(
+        QueryPos, QueryDoc + batch.to(tl.int64) * stride_qdoc_b, KeyPos, KeyDoc, offs_m, row_in_range, N,
+        window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_DOCUMENTS, BLOCK_N,
     )
-    query_pos = tl.load(QueryPos + offs_m, mask=row_in_range, other=-1)
+    row_hash = query_pos
     if DROPOUT:
-        row_hash = dropout_row_hash(dropout_seed, batch_head, query_pos)
-    # The latest query of the block: key blocks that all lie after it are skipped when causal.
-    last_query_pos = tl.max(query_pos, 0)
+        row_hash = dropout_row_hash(tl.load(DropoutSeed), batch_head, query_pos)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    KeyPadding += batch.to(tl.int64) * stride_pad_b
+    unit_log2 = unit * LOG2E
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for stage in tl.static_range(3):  # masked edge, keys that every row sees (no mask), masked edge
+        stage_lo, stage_hi = stage_range(stage, lo, full_lo, full_hi, hi)
+        acc, l_i, m_i = _forward_stage(
+            acc, l_i, m_i, q, query_pos, query_doc, row_hash, K, V, KeyPos, KeyPadding, KeyDoc,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_pad_n,
+            stage_lo, stage_hi, N, window_left, window_right, cap_scale, unit_log2, dropout_threshold, dropout_rescale,
+            stage != 1, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, SOFTCAP, DROPOUT,
+            DOT_PRECISION,
+        )
 
-    k_base = K + batch * stride_kb + kv_head * stride_kh
-    v_base = V + batch * stride_vb + kv_head * stride_vh
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_in_range = offs_n < N
-        key_pos = tl.load(KeyPos + offs_n, mask=key_in_range, other=0x7FFFFFFFFFFFFFFF)
-        if CAUSAL:
-            any_visible = tl.min(key_pos, 0) <= last_query_pos
-        else:
-            any_visible = True
-        if any_visible:
-            key_attends = key_in_range
-            if HAS_PADDING:
-                padding = tl.load(KeyPadding + batch * stride_pad_b + offs_n * stride_pad_n, mask=key_in_range, other=0)
-                key_attends = key_attends & (padding != 0)
-            visible = visible_tile(query_pos, key_pos, row_in_range, key_attends, CAUSAL)
-
-            # K is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain q @ k.
-            k = tl.load(
-                k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=key_in_range[None, :] & d_in_range[:, None], other=0.0,
-            )
-            scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-            scores = tl.where(visible, scores, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            # A row with no visible key yet has m_new = -inf; shifting by 0 instead makes its
-            # exp2(-inf - shift) terms 0 rather than exp2(-inf + inf) = NaN.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores - shift[:, None])
-            alpha = tl.math.exp2(m_i - shift)  # rescales what was accumulated under the old maximum
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                p = tl.where(dropout_keep(row_hash, key_pos, dropout_threshold), p * dropout_rescale, 0.0)
-
-            v = tl.load(
-                v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=key_in_range[:, None] & d_in_range[None, :], other=0.0,
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-    # l_i = 0 exactly when the row saw no key: it gets lse = -inf and out = acc = 0.
-    no_key = l_i == 0.0
-    safe_l = tl.where(no_key, 1.0, l_i)
-    out = acc / safe_l[:, None]
-    lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(safe_l)) * 0.6931471805599453)  # base 2 -> e
-    tl.store(
-        Out + (batch_head * M + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], out,
-        mask=row_in_range[:, None] & d_in_range[None, :],
-    )
-    tl.store(Lse + batch_head * M + offs_m, lse, mask=row_in_range)
+    # l_i = 0 exactly when the row saw no key (else the maximum adds exp2(0) = 1): out = 0, row_log_sum = log 1 = 0.
+    seen_sum = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / seen_sum[:, None]
+    row_stats = batch_head.to(tl.int64) * M + offs_m
+    tl.store(RowMax + row_stats, m_i * unit, mask=row_in_range)
+    tl.store(RowLogSum + row_stats, tl.log(seen_sum), mask=row_in_range)
+    out_pointers = tile_pointers(Out + batch_head.to(tl.int64) * M * HEAD_DIM, first_row, HEAD_DIM, 1, BLOCK_M, BLOCK_D)
+    store_tile(out_pointers, out, row_in_range, HEAD_DIM, BLOCK_D)
 
 
-def block_head_dim(head_dim: int) -> int:
-    """The tile width along the head dimension: a power of two, and at least 16 for tl.dot."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs are multiplied in full precision (not TF32): the partials must be exact to fp32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def micro_q_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    query_positions: Tensor,
-    key_positions: Tensor,
-    key_padding_mask: Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    dropout_seed: int,
-    dropout_threshold: int,
-) -> tuple[Tensor, Tensor]:
-    """Partial attention (out [B, H, M, D] fp32, lse [B, H, M] fp32) of q against k and v.
-
-    q [B, H, M, D]; k, v [B, H_kv, N, D]; positions int64 on q's device, contiguous;
-    ``key_padding_mask`` [B, N] bool (True = attend) or None; ``dropout_threshold`` is
-    ``keep_threshold(dropout_p)``, used only when ``dropout_p > 0``.
-    """
+def partial_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, visibility: KernelVisibility, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, H, M, D], row_max [B, H, M], row_log_sum [B, H, M]), float32, of q [B, H, M, D]
+    against k, v [B, H_kv, N, D] (same dtype as q)."""
     batch, heads, rows, head_dim = q.shape
-    num_kv_heads, num_keys = k.size(1), k.size(2)
     out = torch.empty((batch, heads, rows, head_dim), dtype=torch.float32, device=q.device)
-    lse = torch.empty((batch, heads, rows), dtype=torch.float32, device=q.device)
-    # The kernel reads the padding mask as bytes; a bool tensor views as uint8 without a copy.
-    padding = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else query_positions
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    row_max = torch.empty((batch, heads, rows), dtype=torch.float32, device=q.device)
+    row_log_sum = torch.empty_like(row_max)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(rows, meta["BLOCK_M"]), batch * heads
 
     _forward_kernel[grid](
-        q, k, v, query_positions, key_positions, padding, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *pad_strides,
-        heads, rows, num_keys,
-        scale * LOG2E,
-        dropout_seed, dropout_threshold, 1.0 / (1.0 - dropout_p),
-        GROUP_SIZE=heads // num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_head_dim(head_dim),
-        CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=dot_precision(q.dtype),
+        q, k, v, out, row_max, row_log_sum, *visibility.pointers,
+        *q.stride(), *k.stride(), *v.stride(), *visibility.strides,
+        heads, heads // k.size(1), rows, k.size(2), *visibility.scalars(scale),
+        **visibility.flags(head_dim), DOT_PRECISION=dot_precision(q.dtype),
     )
-    return out, lse
+    return out, row_max, row_log_sum

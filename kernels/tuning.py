@@ -1,39 +1,73 @@
-"""Launch configurations of the micro-Q kernels, on a GPU and under the Triton interpreter.
+"""Launch configurations of the kernels, on a GPU and under the Triton interpreter.
 
 ``TRITON_INTERPRET=1`` is read once, when this module is imported, because ``triton.jit``
 reads it once too, when each kernel is decorated: the two must agree. On CUDA each kernel is
-autotuned over a few block shapes; the interpreter cannot autotune more than one config (it
-has no driver to time them with), so it gets a single small one, which also keeps it fast.
+autotuned over a few block shapes, each kept to the head sizes it compiles for without register
+spills (``benchmarks/kernel_compile_report.py`` checks that); the interpreter cannot autotune
+(it has no driver to time configs with), so it gets one small config, which also keeps it fast.
 """
 
+from __future__ import annotations
+
 import os
+from dataclasses import dataclass
 
 import triton
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Autotuning reruns a kernel whenever one of these arguments (or an input dtype) changes. In MQSP
-# the rows per micro-step, the local key count, the head size and the mask kind are fixed for a
+# the rows per micro-step, the local key count, the head size and the window are fixed for a
 # run, so it tunes once per layer shape.
-AUTOTUNE_KEY = ["M", "N", "HEAD_DIM", "CAUSAL"]
+AUTOTUNE_KEY = ["M", "N", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
 
 # The interpreter's block: small enough that tests with 50-100 rows still cover ragged edges.
 _INTERPRETER_BLOCK = 32
 
 
-def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """triton.Config per (BLOCK_M, BLOCK_N, num_warps, num_stages), or the interpreter's one."""
+@dataclass(frozen=True)
+class Shape:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    max_head_dim: int  # the largest (power-of-two) head size it runs without spilling registers
+
+
+def _configs(shapes: list[Shape]) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_m, block_n, warps, stages in shapes
-    ]
+    configs = []
+    for shape in shapes:
+        config = triton.Config({"BLOCK_M": shape.block_m, "BLOCK_N": shape.block_n}, num_warps=shape.num_warps,
+                               num_stages=shape.num_stages)
+        _MAX_HEAD_DIM[id(config)] = shape.max_head_dim
+        configs.append(config)
+    return configs
 
 
+# By identity: two kernels' configs with equal block shapes compare equal, but may suit other head sizes.
+_MAX_HEAD_DIM: dict[int, int] = {}
+
+
+def describe(config: triton.Config) -> str:
+    """BLOCK_MxBLOCK_N, warps, pipeline stages: e.g. "128x64 w8 s3"."""
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """The configs meant for this head size (BLOCK_D); the last, smallest one for larger heads."""
+    block_d = kwargs["BLOCK_D"]
+    fitting = [config for config in configs if block_d <= _MAX_HEAD_DIM[id(config)]]
+    return fitting or configs[-1:]
+
+
+# Each config runs the head sizes up to its max_head_dim; the compile report (benchmarks/kernel_compile_report.py)
+# shows which ones each config holds in registers on sm_90.
 # The forward keeps a [BLOCK_M, D] accumulator per program: wide query blocks amortise the key loads.
-FORWARD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
-# dK/dV programs hold two [BLOCK_N, D] accumulators and stream query blocks: narrow BLOCK_M.
-BACKWARD_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
-# dQ programs hold one [BLOCK_M, D] accumulator and stream key blocks: narrow BLOCK_N.
-BACKWARD_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+FORWARD_CONFIGS = _configs([Shape(128, 128, 8, 3, 64), Shape(128, 64, 8, 3, 128), Shape(64, 64, 4, 3, 128)])
+# dQ programs hold one [BLOCK_M, D] accumulator and stream key blocks.
+BACKWARD_DQ_CONFIGS = _configs([Shape(128, 32, 4, 3, 64), Shape(64, 64, 4, 3, 64), Shape(128, 64, 8, 3, 128)])
+# dK/dV programs hold two [BLOCK_N, D] accumulators (half the register file at D = 128) and stream
+# query blocks: narrow BLOCK_M; a warp group (4 warps) per 64 keys, as Hopper's MMA wants.
+BACKWARD_DKDV_CONFIGS = _configs([Shape(32, 128, 8, 3, 64), Shape(32, 64, 4, 3, 64), Shape(16, 128, 8, 3, 128)])

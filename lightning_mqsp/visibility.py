@@ -150,8 +150,18 @@ class Visibility:
         keep = keep_mask(self.dropout_seed, num_heads, batch_size, self.query_positions, self.key_positions, self.dropout_p)
         return keep.float() / (1.0 - self.dropout_p)
 
+    def _segments_in(self, start: int, stop: int) -> int:
+        """How many query segments rows [start, stop) hold: rows within one segment, or whole segments."""
+        length = self.query_positions.numel() // self.query_segments
+        if stop - start <= 1 or start // length == (stop - 1) // length:
+            return 1
+        if start % length or stop % length:
+            raise ValueError(f"rows [{start}, {stop}) cut through a query segment of {length} rows")
+        return (stop - start) // length
+
     def block(self, rows: slice, keys: slice) -> Visibility:
-        """The visibility of query rows ``rows`` against keys ``keys`` (contiguous index ranges)."""
+        """The visibility of query rows ``rows`` against keys ``keys`` (contiguous index ranges; the rows
+        within one query segment, or whole segments)."""
         r0, r1, _ = rows.indices(self.query_positions.numel())
         k0, k1, _ = keys.indices(self.key_positions.numel())
         return replace(
@@ -160,7 +170,7 @@ class Visibility:
             key_positions=self.key_positions[k0:k1],
             query_runs=slice_runs(self.query_runs, r0, r1),
             key_runs=slice_runs(self.key_runs, k0, k1),
-            query_segments=1,
+            query_segments=self._segments_in(r0, r1),
             key_padding_mask=None if self.key_padding_mask is None else self.key_padding_mask[:, k0:k1],
             query_documents=None if self.query_documents is None else self.query_documents[:, r0:r1],
             key_documents=None if self.key_documents is None else self.key_documents[:, k0:k1],

@@ -11,25 +11,28 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before lightning_mqsp.kernels is imported, in every rank
 
-import datetime
-import json
-import sys
-import tempfile
-from pathlib import Path
+import datetime  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from _triton_reference import allowed_pairs, dense_attention_float64, relative_error
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 
-from lightning_mqsp import mqsp_attention, shard_sequence
-from lightning_mqsp.dropout import draw_seed, keep_mask
+from reference import allowed_pairs, dense_attention, relative_error  # noqa: E402
+from lightning_mqsp import mqsp_attention, shard_sequence  # noqa: E402
+from lightning_mqsp.dropout import draw_seed, keep_mask  # noqa: E402
 
 WORLD_SIZE = 2
 LENGTH, BATCH, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 32
 
 
-def compare(rank: int, layout: str, causal: bool, padding: bool, dropout_p: float, micro_q_size: int) -> dict[str, float]:
+def compare(
+    rank: int, layout: str, causal: bool, padding: bool, dropout_p: float, micro_q_size: int,
+    window: tuple[int | None, int | None] | None = None, documents: bool = False, softcap: float | None = None,
+) -> dict[str, float]:
     """One mqsp_attention forward and backward on this rank's shard; relative errors of its rows/keys."""
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(BATCH, h, LENGTH, HEAD_DIM, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
@@ -38,6 +41,9 @@ def compare(rank: int, layout: str, causal: bool, padding: bool, dropout_p: floa
         key_padding_mask = torch.rand(BATCH, LENGTH, generator=g) > 0.3
         key_padding_mask[0, : LENGTH // 2] = False  # batch 0: no key in the first half (under causal, rows there see none)
         key_padding_mask[1] = False  # batch 1: no key anywhere, its rows must come out as 0
+    document_ids = None
+    if documents:  # packed documents crossing the shard boundaries; ids ascend
+        document_ids = (torch.rand(BATCH, LENGTH, generator=g) < 0.1).long().cumsum(dim=1)
     positions = torch.arange(LENGTH)
     scale = HEAD_DIM**-0.5
 
@@ -46,8 +52,10 @@ def compare(rank: int, layout: str, causal: bool, padding: bool, dropout_p: floa
     torch.manual_seed(1)
 
     expected_q, expected_k, expected_v = (t.double().requires_grad_() for t in (q, k, v))
-    allowed = allowed_pairs(positions, positions, causal, key_padding_mask, BATCH)
-    expected_out = dense_attention_float64(expected_q, expected_k, expected_v, allowed, scale, keep=keep, dropout_p=dropout_p)
+    allowed = allowed_pairs(positions, positions, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                            query_documents=document_ids, key_documents=document_ids)
+    expected_out = dense_attention(expected_q, expected_k, expected_v, allowed, scale=scale, softcap=softcap, keep=keep,
+                                   dropout_p=dropout_p)
     expected_out.backward(dout.double())
     expected = {"out": expected_out.detach(), "dq": expected_q.grad, "dk": expected_k.grad, "dv": expected_v.grad}
 
@@ -57,7 +65,8 @@ def compare(rank: int, layout: str, causal: bool, padding: bool, dropout_p: floa
     local_q, local_k, local_v = (shard(t).clone().requires_grad_() for t in (q, k, v))
     out = mqsp_attention(
         local_q, local_k, local_v, key_padding_mask=None if key_padding_mask is None else shard(key_padding_mask, 1),
-        causal=causal, layout=layout, scale=scale, dropout_p=dropout_p, micro_q_size=micro_q_size, backend="triton",
+        causal=causal, window=window, document_ids=None if document_ids is None else shard(document_ids, 1), softcap=softcap,
+        layout=layout, scale=scale, dropout_p=dropout_p, micro_q_size=micro_q_size, backend="triton",
     )
     out.backward(shard(dout))
     actual = {"out": out, "dq": local_q.grad, "dk": local_k.grad, "dv": local_v.grad}
@@ -73,6 +82,8 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
         errors = {
             # micro_q_size 12: 3 micro-steps of 24 gathered rows, the last one ragged.
             "causal-zigzag-padding-gqa": compare(rank, "zigzag", causal=True, padding=True, dropout_p=0.0, micro_q_size=12),
+            "window-documents-softcap-zigzag": compare(rank, "zigzag", causal=True, padding=False, dropout_p=0.0,
+                                                       micro_q_size=10, window=(9, None), documents=True, softcap=3.0),
             "dropout-contiguous": compare(rank, "contiguous", causal=False, padding=False, dropout_p=0.2, micro_q_size=16),
         }
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(errors))

@@ -1,9 +1,11 @@
-"""Triton backend: the fused micro-Q kernels of ``lightning_mqsp.kernels``.
+"""Triton backend: the fused kernels of ``lightning_mqsp.kernels``.
 
-Score tiles stay in registers (nothing M x N is allocated), every mask MQSP needs is applied
-inside the kernels (global-position causal, key padding, counter-based dropout identical to the
-reference's), GQA indexes the shared key/value head instead of copying it, and the backward is
-bitwise deterministic. Inputs may be float16, bfloat16 or float32; results are float32.
+Score tiles stay in registers (nothing M x N is allocated), the whole visibility model is applied
+inside the kernels (windows, key padding, documents, soft-capping, counter-based dropout identical
+to the reference's), each program visits only the blocks its rows or keys may see, GQA indexes the
+shared key/value head instead of copying it, and the backward is bitwise deterministic and adds
+dK and dV into the caller's accumulators inside the kernel. Inputs may be float16, bfloat16 or
+float32; results are float32. No call reads a tensor value on the host.
 
 It runs CUDA tensors, and CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1``
 was set before triton was first imported (slow: for tests). triton is imported only when
@@ -19,7 +21,7 @@ import sys
 import torch
 from torch import Tensor
 
-from lightning_mqsp.merge import Partial, log_sum_exp
+from lightning_mqsp.merge import Partial
 from lightning_mqsp.visibility import Visibility
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,20 +41,28 @@ def _interpreting() -> bool:
     return isinstance(triton.language.standard.max, InterpretedFunction)
 
 
-def _positions(positions: Tensor, device: torch.device) -> Tensor:
-    return positions.to(device=device, dtype=torch.int64).contiguous()
+def _int64(values: Tensor, device: torch.device) -> Tensor:
+    return values.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _padding(mask: Visibility, device: torch.device) -> Tensor | None:
-    if mask.key_padding_mask is None:
-        return None
-    return mask.key_padding_mask.to(device=device, dtype=torch.bool).contiguous()
+def _op_visibility(visibility: Visibility, device: torch.device) -> tuple[object, ...]:
+    """The custom ops' visibility arguments (see ``kernels.ops``): -1 for an unbounded window side, 0.0 for no softcap."""
+    padding = visibility.key_padding_mask
+    documents = [None if ids is None else _int64(ids, device) for ids in (visibility.query_documents, visibility.key_documents)]
+    window = visibility.window
+    return (
+        _int64(visibility.query_positions, device), _int64(visibility.key_positions, device),
+        None if padding is None else padding.to(device=device, dtype=torch.bool),
+        *documents, visibility.dropout_seed if visibility.dropout_p > 0.0 else None, visibility.query_segments,
+        -1 if window.left is None else window.left, -1 if window.right is None else window.right,
+        0.0 if visibility.softcap is None else float(visibility.softcap), float(visibility.dropout_p),
+    )
 
 
 class TritonBackend:
     name = "triton"
 
-    def supports(self, q: Tensor, mask: Visibility) -> str | None:
+    def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if q.device.type == "cpu":
@@ -68,37 +78,25 @@ class TritonBackend:
             return f"it supports float16, bfloat16 and float32 inputs, got {q.dtype}"
         if q.size(-1) > _MAX_HEAD_DIM:
             return f"head dimension {q.size(-1)} exceeds {_MAX_HEAD_DIM}"
-        if not 0.0 <= mask.dropout_p < 1.0:
-            return f"dropout_p must lie in [0, 1), got {mask.dropout_p}"
-        if not (mask.window.is_full or mask.window.is_causal) or mask.has_documents or mask.softcap is not None:
-            return "sliding windows, documents and soft-capping are not in the Triton kernels yet"
+        if not 0.0 <= visibility.dropout_p < 1.0:
+            return f"dropout_p must lie in [0, 1), got {visibility.dropout_p}"
         return None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Visibility, scale: float) -> Partial:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
         from lightning_mqsp.kernels import ops  # imports triton: only now that the kernels are needed
 
-        out, lse = ops.micro_q_attention_forward(
-            q, k.to(q.dtype), v.to(q.dtype),
-            _positions(mask.query_positions, q.device), _positions(mask.key_positions, q.device),
-            _padding(mask, q.device), mask.window.is_causal, float(scale), float(mask.dropout_p), _seed(mask),
+        out, row_max, row_log_sum = ops.partial_attention_forward(
+            q, k.to(q.dtype), v.to(q.dtype), *_op_visibility(visibility, q.device), float(scale),
         )
-        return Partial(out, lse, torch.zeros_like(lse))
+        return Partial(out, row_max, row_log_sum)
 
     def backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
-        mask: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
+        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
     ) -> Tensor:
         from lightning_mqsp.kernels import ops
 
-        dq, dk, dv = ops.micro_q_attention_backward(
-            q, k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype), log_sum_exp(row_max, row_log_sum), delta,
-            _positions(mask.query_positions, q.device), _positions(mask.key_positions, q.device),
-            _padding(mask, q.device), mask.window.is_causal, float(scale), float(mask.dropout_p), _seed(mask),
+        return ops.partial_attention_backward(
+            q, k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype), row_max, row_log_sum, delta, grad_key, grad_value,
+            *_op_visibility(visibility, q.device), float(scale),
         )
-        grad_key.add_(dk)
-        grad_value.add_(dv)
-        return dq
-
-
-def _seed(mask: Visibility) -> int:
-    return 0 if mask.dropout_seed is None else int(mask.dropout_seed.item())

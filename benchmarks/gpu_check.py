@@ -1,0 +1,410 @@
+"""The Triton backend on one H100/H200: correctness, speed against flash SDPA, MQSP's micro-steps.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --out benchmarks/out/gpu_check.json
+
+Uses the torch and triton installed there; no install, no network; about 5 minutes (a time
+budget, ``--budget-s``, skips what is left rather than overrun). Sections, each guarded so that a
+failure in one is recorded and the others still run:
+
+1. correctness of ``backend="triton"`` against float64 attention (the reference backend on
+   float64 copies): float16 and bfloat16, causal or not, D 64 and 128, GQA, padding, sliding
+   and symmetric windows, documents, soft-capping, dropout, rows of several ranks;
+2. time (``triton.testing.do_bench``, median) of forward and forward+backward against
+   ``F.scaled_dot_product_attention`` with the flash backend, bfloat16, S in {4096, 16384},
+   D in {64, 128}, causal and not, B = 1, H = 2048 / D: (a) the backend's kernels (M = N = S),
+   (b) ``mqsp_attention`` at P = 1 (no process group);
+3. one simulated rank of P = 8 at S = 16384, zigzag layout: its gathered rows (8 segments of c
+   rows a micro-step, positions as mqsp_attention gives them) against its S/8 local keys, micro-step
+   by micro-step, forward and backward, in total against flash SDPA's S^2 / 8 share;
+4. the autotune configs the kernels picked, the device, torch and triton versions, the date.
+
+FLOPs: forward 4 B H S^2 D (halved when causal), forward+backward 3.5 times that. Goals:
+Triton forward+backward >= 0.8x flash at S = 16k (D 64 and 128, causal and not), mqsp_attention
+at P = 1 >= 0.7x. Prints a compact ratio table at the end (flash time / our time: above 1 is faster).
+
+``--dry-run`` runs every code path on tiny shapes on CPU through the Triton interpreter (set
+``TRITON_INTERPRET=1`` before Python starts; float16 stands in for bfloat16, whose tl.dot the
+interpreter gets wrong): what the test suite does, so that this script cannot fail on the GPU
+for a silly reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from baselines.common import relative_error
+from lightning_mqsp import mqsp_attention
+from lightning_mqsp.attention import auto_micro_q_size
+from lightning_mqsp.backends import get_backend
+from lightning_mqsp.layout import all_positions, position_runs, slice_runs
+from lightning_mqsp.merge import Partial
+from lightning_mqsp.visibility import Visibility, Window
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+GOALS = {"triton_fwd_bwd_vs_flash_at_16k": 0.8, "mqsp_fwd_bwd_vs_flash_at_16k": 0.7}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between a GPU run and a dry run."""
+
+    device: str
+    timed_dtype: torch.dtype  # bfloat16; float16 under the interpreter
+    correctness_length: int
+    seq_lengths: tuple[int, ...]
+    head_dims: tuple[int, ...]
+    width: int  # heads x head_dim of the timed shapes
+    ranks: int
+    simulated_length: int
+    micro_q_size: int | None  # None: mqsp_attention's own choice
+
+
+GPU = Sizes("cuda", torch.bfloat16, 1000, (4096, 16384), (64, 128), 2048, 8, 16384, None)
+DRY_RUN = Sizes("cpu", torch.float16, 40, (64,), (64,), 128, 8, 128, 4)
+
+
+@dataclass(frozen=True)
+class CorrectnessCase:
+    dtype: str
+    head_dim: int
+    window: tuple[int | None, int | None] = (None, None)  # (left, right); causal: (None, 0)
+    kv_heads: int = 8
+    padding: bool = False
+    documents: bool = False
+    softcap: float | None = None
+    dropout_p: float = 0.0
+    segments: int = 1  # rows of several ranks, each run ascending (zigzag-like positions)
+
+    def __str__(self) -> str:
+        features = [f"window{self.window}", f"kv_heads {self.kv_heads}", "padding" * self.padding, "documents" * self.documents,
+                    f"softcap {self.softcap}" * (self.softcap is not None), f"dropout {self.dropout_p}" * (self.dropout_p > 0),
+                    f"{self.segments} segments" * (self.segments > 1)]
+        return f"{self.dtype} D={self.head_dim} " + ", ".join(f for f in features if f)
+
+
+# Few cases, each covering several features: every new kind of call compiles (and autotunes) the kernels again.
+CORRECTNESS_CASES = [
+    CorrectnessCase("bfloat16", 128, (None, 0), kv_heads=2, padding=True),
+    CorrectnessCase("float16", 64, padding=True, documents=True),
+    CorrectnessCase("bfloat16", 64, (255, 0), documents=True, softcap=30.0),
+    CorrectnessCase("float16", 128, (100, 100), dropout_p=0.1),
+    CorrectnessCase("bfloat16", 128, (None, 0), kv_heads=2, segments=4),
+    CorrectnessCase("bfloat16", 64),
+]
+
+
+def correctness_inputs(case: CorrectnessCase, sizes: Sizes, dtype: torch.dtype) -> tuple[dict[str, Tensor], Visibility]:
+    g = torch.Generator().manual_seed(0)
+    batch, heads, length, d = 2, 8, sizes.correctness_length, case.head_dim
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(device=sizes.device, dtype=dtype)
+
+    keys = torch.arange(length)
+    if case.segments == 1:
+        rows = keys
+    else:  # segment s: a run of rows from each half of the sequence, like a zigzag rank's micro-step
+        per_segment = length // case.segments
+        rows = torch.cat([torch.arange(s * length // case.segments, s * length // case.segments + per_segment)
+                          for s in range(case.segments)])
+    tensors = {"q": randn(batch, heads, rows.numel(), d), "k": randn(batch, case.kv_heads, length, d),
+               "v": randn(batch, case.kv_heads, length, d), "dout": randn(batch, heads, rows.numel(), d)}
+    padding = (torch.rand(batch, length, generator=g) > 0.2).to(sizes.device) if case.padding else None
+    documents = None
+    if case.documents:  # packed documents of random lengths: ids step up along the positions
+        documents = (torch.rand(batch, length, generator=g) < 8 / length).long().cumsum(dim=1).to(sizes.device)
+    seed = torch.tensor([1234], dtype=torch.int64, device=sizes.device)
+    visibility = Visibility.for_positions(
+        rows.to(sizes.device), keys.to(sizes.device), query_segments=case.segments, window=Window(*case.window),
+        key_padding_mask=padding, query_documents=None if documents is None else documents[:, rows.to(sizes.device)],
+        key_documents=documents, softcap=case.softcap, dropout_p=case.dropout_p, dropout_seed=seed,
+    )
+    return tensors, visibility
+
+
+def forward_backward(backend_name: str, t: dict[str, Tensor], visibility: Visibility, scale: float) -> dict[str, Tensor]:
+    """out, log-sum-exp and dq, dk, dv of one backend on one (here: the only) rank."""
+    backend = get_backend(backend_name)
+    part = backend.forward(t["q"], t["k"], t["v"], visibility, scale)
+    delta = (t["dout"].to(part.out.dtype) * part.out).sum(dim=-1)
+    grad_key = torch.zeros(t["k"].shape, dtype=part.out.dtype, device=part.out.device)
+    grad_value = torch.zeros_like(grad_key)
+    dq = backend.backward(t["q"], t["k"], t["v"], t["dout"], part.row_max, part.row_log_sum, delta, visibility, scale,
+                          grad_key, grad_value)
+    finite = torch.where(torch.isneginf(part.row_max), torch.zeros_like(part.row_max), part.row_max + part.row_log_sum)
+    return {"out": part.out, "log_sum_exp": finite, "dq": dq, "dk": grad_key, "dv": grad_value}
+
+
+def check_correctness(sizes: Sizes) -> list[dict[str, object]]:
+    rows = []
+    for case in CORRECTNESS_CASES:
+        dtype = getattr(torch, case.dtype)
+        if sizes.device == "cpu" and dtype == torch.bfloat16:
+            dtype = torch.float16  # the interpreter's bfloat16 tl.dot is wrong
+        t, visibility = correctness_inputs(case, sizes, dtype)
+        scale = case.head_dim**-0.5
+        actual = forward_backward("triton", t, visibility, scale)
+        expected = forward_backward("reference", {name: x.double() for name, x in t.items()}, visibility, scale)
+        errors = {name: relative_error(actual[name], expected[name]) for name in actual}
+        passed = max(errors.values()) <= TOLERANCE[dtype]
+        rows.append({**asdict(case), "dtype": str(dtype).split(".")[-1], "errors": errors, "passed": passed})
+        log(f"  {case}: worst relative error {max(errors.values()):.1e} {'ok' if passed else 'FAILED'}")
+    return rows
+
+
+def time_ms(fn: Callable[[], object], device: str) -> float:
+    """Median time of ``fn`` in ms: do_bench on a GPU (after one warm-up call, which compiles and
+    autotunes), one timed call on CPU (a dry run checks the code path, not the speed)."""
+    fn()
+    if device == "cpu":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, return_mode="median"))
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
+    """Forward matmul FLOPs (QK^T and PV: 2 * 2 * S^2 * D per head), halved under a causal mask."""
+    return 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+
+
+def flash_sdpa(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, causal: bool) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward+backward) of flash SDPA on these inputs."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+
+    def forward() -> Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(*leaves, is_causal=causal)
+
+    return forward, lambda: forward().backward(dout)
+
+
+def full_visibility(seq: int, causal: bool, device: str) -> Visibility:
+    positions = torch.arange(seq, device=device)
+    runs = ((0, seq, 0),)
+    return Visibility(positions, positions, runs, runs, window=Window.of(causal, None))
+
+
+def kernel_forward_backward(t: dict[str, Tensor], visibility: Visibility, scale: float) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward+backward) of the triton backend, fed like mqsp_attention feeds it."""
+    backend = get_backend("triton")
+    grad_key = torch.zeros(t["k"].shape, dtype=torch.float32, device=t["k"].device)
+    grad_value = torch.zeros_like(grad_key)
+
+    def forward() -> Partial:
+        return backend.forward(t["q"], t["k"], t["v"], visibility, scale)
+
+    def forward_backward_once() -> Tensor:
+        part = forward()
+        delta = (t["dout"].float() * part.out).sum(dim=-1)
+        return backend.backward(t["q"], t["k"], t["v"], t["dout"], part.row_max, part.row_log_sum, delta, visibility,
+                                scale, grad_key, grad_value)
+
+    return forward, forward_backward_once
+
+
+def mqsp_forward_backward(t: dict[str, Tensor], causal: bool) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, forward+backward) of mqsp_attention at P = 1 (no process group)."""
+    q, k, v = (t[name].detach().clone().requires_grad_() for name in "qkv")
+
+    def forward() -> Tensor:
+        return mqsp_attention(q, k, v, causal=causal, backend="triton")
+
+    return forward, lambda: forward().backward(t["dout"])
+
+
+def timed_shapes(sizes: Sizes) -> list[tuple[int, int, bool]]:
+    return [(seq, d, causal) for seq in sizes.seq_lengths for d in sizes.head_dims for causal in (False, True)]
+
+
+def time_full_attention(sizes: Sizes, which: str, deadline: float) -> list[dict[str, object]]:
+    """Section 2: (a) ``which="kernels"``, the backend's kernels at M = N = S, or (b) ``"mqsp"``, mqsp_attention at P = 1."""
+    rows = []
+    for seq, d, causal in timed_shapes(sizes):
+        if time.monotonic() > deadline:
+            rows.append({"seq": seq, "head_dim": d, "causal": causal, "skipped": "time budget"})
+            continue
+        heads = sizes.width // d
+        g = torch.Generator(device=sizes.device).manual_seed(0)
+        t = {name: torch.randn(1, heads, seq, d, generator=g, device=sizes.device, dtype=sizes.timed_dtype)
+             for name in ("q", "k", "v", "dout")}
+        if which == "kernels":
+            ours = kernel_forward_backward(t, full_visibility(seq, causal, sizes.device), d**-0.5)
+        else:
+            ours = mqsp_forward_backward(t, causal)
+        flash = flash_sdpa(t["q"], t["k"], t["v"], t["dout"], causal)
+        flops = attention_flops(1, heads, seq, d, causal)
+        row: dict[str, object] = {"seq": seq, "head_dim": d, "causal": causal, "heads": heads}
+        for name, fn, work in [("fwd", ours[0], flops), ("fwd_bwd", ours[1], 3.5 * flops),
+                               ("flash_fwd", flash[0], flops), ("flash_fwd_bwd", flash[1], 3.5 * flops)]:
+            ms = time_ms(fn, sizes.device)
+            row[f"{name}_ms"], row[f"{name}_tflops"] = ms, work / (ms * 1e-3) / 1e12
+        row["fwd_ratio"] = row["flash_fwd_ms"] / row["fwd_ms"]
+        row["fwd_bwd_ratio"] = row["flash_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        rows.append(row)
+        log(f"  {which} S={seq} D={d} causal={causal}: fwd {row['fwd_tflops']:.0f} TFLOP/s ({row['fwd_ratio']:.2f}x flash), "
+            f"fwd+bwd {row['fwd_bwd_tflops']:.0f} TFLOP/s ({row['fwd_bwd_ratio']:.2f}x flash)")
+        del t, ours, flash
+        if sizes.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def simulated_rank_steps(sizes: Sizes, rank: int, causal: bool) -> list[Visibility]:
+    """The visibility of each micro-step of ``rank`` in a zigzag group of ``sizes.ranks``: every rank's
+    rows [start, stop) gathered rank after rank (one ascending segment each) against this rank's keys."""
+    ranks, local = sizes.ranks, sizes.simulated_length // sizes.ranks
+    c = sizes.micro_q_size or auto_micro_q_size(local, ranks)
+    positions = all_positions(local, ranks, "zigzag", sizes.device)
+    runs = [position_runs(local, r, ranks, "zigzag") for r in range(ranks)]
+    steps = []
+    for start in range(0, local, c):
+        stop = min(start + c, local)
+        gathered_runs = tuple(run for r in range(ranks) for run in slice_runs(runs[r], start, stop, r * (stop - start)))
+        steps.append(Visibility(positions[:, start:stop].reshape(-1), positions[rank], gathered_runs, runs[rank],
+                                query_segments=ranks, window=Window.of(causal, None)))
+    return steps
+
+
+def run_micro_steps(passes: list[tuple[Callable[[], object], Callable[[], object]]], which: int) -> None:
+    """Every micro-step's forward (which = 0) or forward+backward (which = 1), one after the other."""
+    for fns in passes:
+        fns[which]()
+
+
+def time_one_rank_of_many(sizes: Sizes, deadline: float) -> list[dict[str, object]]:
+    """Section 3: rank 0 of P zigzag ranks at S, micro-step by micro-step, against flash SDPA's S^2 / P share."""
+    rows = []
+    seq, ranks, local = sizes.simulated_length, sizes.ranks, sizes.simulated_length // sizes.ranks
+    for d in sizes.head_dims:
+        for causal in (False, True):
+            if time.monotonic() > deadline:
+                rows.append({"seq": seq, "head_dim": d, "causal": causal, "skipped": "time budget"})
+                continue
+            heads = sizes.width // d
+            g = torch.Generator(device=sizes.device).manual_seed(0)
+
+            def randn(length: int) -> Tensor:
+                return torch.randn(1, heads, length, d, generator=g, device=sizes.device, dtype=sizes.timed_dtype)
+
+            steps = simulated_rank_steps(sizes, 0, causal)
+            rows_per_step = steps[0].query_positions.numel()
+            k, v = randn(local), randn(local)
+            step_inputs = [{"q": randn(step.query_positions.numel()), "k": k, "v": v,
+                            "dout": randn(step.query_positions.numel())} for step in steps]
+            passes = [kernel_forward_backward(t, step, d**-0.5) for t, step in zip(step_inputs, steps)]
+            full = {name: randn(seq) for name in ("q", "k", "v", "dout")}
+            flash = flash_sdpa(full["q"], full["k"], full["v"], full["dout"], causal)
+            row: dict[str, object] = {"seq": seq, "ranks": ranks, "head_dim": d, "causal": causal, "heads": heads,
+                                      "micro_steps": len(steps), "gathered_rows": rows_per_step, "local_keys": local}
+            row["fwd_ms"] = time_ms(functools.partial(run_micro_steps, passes, 0), sizes.device)
+            row["fwd_bwd_ms"] = time_ms(functools.partial(run_micro_steps, passes, 1), sizes.device)
+            row["flash_share_fwd_ms"] = time_ms(flash[0], sizes.device) / ranks
+            row["flash_share_fwd_bwd_ms"] = time_ms(flash[1], sizes.device) / ranks
+            row["fwd_ratio"] = row["flash_share_fwd_ms"] / row["fwd_ms"]
+            row["fwd_bwd_ratio"] = row["flash_share_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+            rows.append(row)
+            log(f"  one rank of {ranks}, S={seq} D={d} causal={causal}: {len(steps)} micro-steps of {rows_per_step} rows, "
+                f"fwd {row['fwd_ratio']:.2f}x and fwd+bwd {row['fwd_bwd_ratio']:.2f}x flash's share")
+            del full, flash, passes, step_inputs
+    return rows
+
+
+def best_configs() -> dict[str, dict[str, str]]:
+    """Section 4: the config each kernel's autotuner picked, per tuning key (shape, window, input dtype)."""
+    from lightning_mqsp.kernels.backward import _backward_dkdv_kernel, _backward_dq_kernel
+    from lightning_mqsp.kernels.forward import _forward_kernel
+    from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, describe
+
+    kernels = {"forward": _forward_kernel, "dkdv": _backward_dkdv_kernel, "dq": _backward_dq_kernel}
+    return {name: {" ".join([*(f"{k}={v}" for k, v in zip(AUTOTUNE_KEY, key)), key[len(AUTOTUNE_KEY)]]): describe(config)
+                   for key, config in kernel.cache.items()} for name, kernel in kernels.items()}
+
+
+def ratio_table(report: dict[str, object]) -> list[str]:
+    lines = [f"{'section':<14} {'S':>6} {'D':>4} {'causal':>6} | {'fwd':>6} {'fwd+bwd':>8}   (flash time / ours)"]
+    for section, rows in report["timings"].items():  # type: ignore[union-attr]
+        for row in rows:
+            if "fwd_ratio" in row:
+                lines.append(f"{section:<14} {row['seq']:>6} {row['head_dim']:>4} {str(row['causal']):>6} | "
+                             f"{row['fwd_ratio']:>6.2f} {row['fwd_bwd_ratio']:>8.2f}")
+    return lines
+
+
+def goals(report: dict[str, object], sizes: Sizes) -> dict[str, object]:
+    """Whether the speed goals hold at the largest S (worst ratio over D and causal)."""
+    longest = max(sizes.seq_lengths)
+    found = {}
+    for goal, section in (("triton_fwd_bwd_vs_flash_at_16k", "kernels"), ("mqsp_fwd_bwd_vs_flash_at_16k", "mqsp")):
+        ratios = [row["fwd_bwd_ratio"] for row in report["timings"].get(section, []) if row.get("seq") == longest and "fwd_bwd_ratio" in row]  # type: ignore[union-attr]
+        found[goal] = {"target": GOALS[goal], "worst": min(ratios) if ratios else None,
+                       "met": bool(ratios) and min(ratios) >= GOALS[goal]}
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu_check.json"))
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="skip timings still to come after this many seconds")
+    args = parser.parse_args(argv)
+    sizes = DRY_RUN if args.dry_run else GPU
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    import triton
+
+    report: dict[str, object] = {
+        "device": torch.cuda.get_device_name() if sizes.device == "cuda" else f"cpu (dry run, {platform.processor()})",
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "dry_run": args.dry_run,
+        "correctness": [], "timings": {}, "best_configs": {}, "errors": {},
+    }
+    log(f"{report['device']}, torch {torch.__version__}, triton {triton.__version__}")
+    sections: list[tuple[str, Callable[[], object], Callable[[object], None]]] = [
+        ("correctness", lambda: check_correctness(sizes), lambda rows: report.update(correctness=rows)),
+        ("kernels", lambda: time_full_attention(sizes, "kernels", deadline), lambda rows: report["timings"].update(kernels=rows)),  # type: ignore[union-attr]
+        ("mqsp", lambda: time_full_attention(sizes, "mqsp", deadline), lambda rows: report["timings"].update(mqsp=rows)),  # type: ignore[union-attr]
+        ("one_rank_of_8", lambda: time_one_rank_of_many(sizes, deadline),
+         lambda rows: report["timings"].update(one_rank_of_8=rows)),  # type: ignore[union-attr]
+        ("best_configs", best_configs, lambda configs: report.update(best_configs=configs)),
+    ]
+    for name, run, store in sections:
+        log(f"[{time.monotonic() - start:6.1f} s] {name}")
+        try:
+            store(run())
+        except Exception:  # noqa: BLE001 - recorded; the other sections still run
+            report["errors"][name] = traceback.format_exc()  # type: ignore[index]
+            log(f"  {name} failed:\n{report['errors'][name]}")  # type: ignore[index]
+    report["goals"] = goals(report, sizes)
+    report["seconds"] = time.monotonic() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    log("\n".join(["", *ratio_table(report), "", f"goals: {json.dumps(report['goals'])}",
+                   f"errors in: {sorted(report['errors']) or 'none'}", f"wrote {args.out} after {report['seconds']:.0f} s"]))  # type: ignore[arg-type]
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["errors"] else 0)
