@@ -38,16 +38,16 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from baselines.common import relative_error
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baselines.common import relative_error
 from lightning_mqsp import mqsp_attention
 from lightning_mqsp.attention import auto_micro_q_size
 from lightning_mqsp.backends import get_backend
@@ -207,7 +207,9 @@ def full_visibility(seq: int, causal: bool, device: str) -> Visibility:
     return Visibility(positions, positions, runs, runs, window=Window.of(causal, None))
 
 
-def kernel_forward_backward(t: dict[str, Tensor], visibility: Visibility, scale: float) -> tuple[Callable[[], object], Callable[[], object]]:
+def kernel_forward_backward(
+    t: dict[str, Tensor], visibility: Visibility, scale: float,
+) -> tuple[Callable[[], object], Callable[[], object]]:
     """(forward, forward+backward) of the triton backend, fed like mqsp_attention feeds it."""
     backend = get_backend("triton")
     grad_key = torch.zeros(t["k"].shape, dtype=torch.float32, device=t["k"].device)
@@ -306,7 +308,7 @@ def time_one_rank_of_many(sizes: Sizes, deadline: float) -> list[dict[str, objec
             heads = sizes.width // d
             g = torch.Generator(device=sizes.device).manual_seed(0)
 
-            def randn(length: int) -> Tensor:
+            def randn(length: int, heads: int = heads, d: int = d, g: torch.Generator = g) -> Tensor:
                 return torch.randn(1, heads, length, d, generator=g, device=sizes.device, dtype=sizes.timed_dtype)
 
             steps = simulated_rank_steps(sizes, 0, causal)
@@ -348,7 +350,7 @@ def ratio_table(report: dict[str, object]) -> list[str]:
     for section, rows in report["timings"].items():  # type: ignore[union-attr]
         for row in rows:
             if "fwd_ratio" in row:
-                lines.append(f"{section:<14} {row['seq']:>6} {row['head_dim']:>4} {str(row['causal']):>6} | "
+                lines.append(f"{section:<14} {row['seq']:>6} {row['head_dim']:>4} {row['causal']!s:>6} | "
                              f"{row['fwd_ratio']:>6.2f} {row['fwd_bwd_ratio']:>8.2f}")
     return lines
 
@@ -358,7 +360,8 @@ def goals(report: dict[str, object], sizes: Sizes) -> dict[str, object]:
     longest = max(sizes.seq_lengths)
     found = {}
     for goal, section in (("triton_fwd_bwd_vs_flash_at_16k", "kernels"), ("mqsp_fwd_bwd_vs_flash_at_16k", "mqsp")):
-        ratios = [row["fwd_bwd_ratio"] for row in report["timings"].get(section, []) if row.get("seq") == longest and "fwd_bwd_ratio" in row]  # type: ignore[union-attr]
+        rows = report["timings"].get(section, [])  # type: ignore[union-attr]
+        ratios = [row["fwd_bwd_ratio"] for row in rows if row.get("seq") == longest and "fwd_bwd_ratio" in row]
         found[goal] = {"target": GOALS[goal], "worst": min(ratios) if ratios else None,
                        "met": bool(ratios) and min(ratios) >= GOALS[goal]}
     return found
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     report: dict[str, object] = {
         "device": torch.cuda.get_device_name() if sizes.device == "cuda" else f"cpu (dry run, {platform.processor()})",
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "dry_run": args.dry_run,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "dry_run": args.dry_run,
         "correctness": [], "timings": {}, "best_configs": {}, "errors": {},
     }
     log(f"{report['device']}, torch {torch.__version__}, triton {triton.__version__}")

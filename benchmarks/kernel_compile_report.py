@@ -36,14 +36,14 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_compile_report.py compiles for a GPU: run it without TRITON_INTERPRET=1")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from lightning_mqsp.kernels.arguments import block_head_dim  # noqa: E402
-from lightning_mqsp.kernels.backward import _backward_dkdv_kernel, _backward_dq_kernel  # noqa: E402
-from lightning_mqsp.kernels.forward import _forward_kernel  # noqa: E402
-from lightning_mqsp.kernels.tuning import describe, prune_configs  # noqa: E402
+from lightning_mqsp.kernels.arguments import block_head_dim
+from lightning_mqsp.kernels.backward import _backward_dkdv_kernel, _backward_dq_kernel
+from lightning_mqsp.kernels.forward import _forward_kernel
+from lightning_mqsp.kernels.tuning import describe, prune_configs
 
 TARGET = GPUTarget("cuda", 90, 32)
 KERNELS = {"forward": _forward_kernel, "dkdv": _backward_dkdv_kernel, "dq": _backward_dq_kernel}
@@ -85,7 +85,7 @@ def launch_values(variant: Variant) -> tuple[dict[str, object], dict[str, str]]:
     for name in kernel.fn.arg_names:
         if name in constexprs:
             continue
-        if name.startswith("stride_") and name.endswith("d") or name == "stride_pad_n" and variant.mask == "padding":
+        if (name.startswith("stride_") and name.endswith("d")) or (name == "stride_pad_n" and variant.mask == "padding"):
             constexprs[name] = 1  # the innermost stride of every tensor (head_dim, or keys for the padding mask)
         elif name == "group_size":
             if variant.gqa:
@@ -163,12 +163,13 @@ def _init_worker() -> None:
 
 
 def print_table(records: list[dict[str, object]]) -> None:
-    header = f"{'kernel':<8} {'config':<16} {'D':>4} {'causal':>6} {'gqa':>5} {'dtype':>5} {'mask':<10} {'regs':>5} {'spill':>6} {'smem':>7} {'pipelined':>9}"
+    header = (f"{'kernel':<8} {'config':<16} {'D':>4} {'causal':>6} {'gqa':>5} {'dtype':>5} {'mask':<10} {'regs':>5} "
+              f"{'spill':>6} {'smem':>7} {'pipelined':>9}")
     print(header)
     print("-" * len(header))
     for r in records:
-        print(f"{r['kernel']:<8} {r['config']:<16} {r['head_dim']:>4} {str(r['causal']):>6} {str(r['gqa']):>5} {r['dtype']:>5} "
-              f"{r['mask']:<10} {r['registers']:>5} {r['spill_bytes']:>6} {r['shared_memory']:>7} {str(r['pipelined']):>9}")
+        print(f"{r['kernel']:<8} {r['config']:<16} {r['head_dim']:>4} {r['causal']!s:>6} {r['gqa']!s:>5} {r['dtype']:>5} "
+              f"{r['mask']:<10} {r['registers']:>5} {r['spill_bytes']:>6} {r['shared_memory']:>7} {r['pipelined']!s:>9}")
 
 
 def main(argv: list[str] | None = None) -> int:

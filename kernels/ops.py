@@ -11,7 +11,6 @@ softcap of 0.0 is none (``kernels.arguments``). Type annotations here are evalua
 ``torch.library`` to infer the schema, so they are runtime types (no ``from __future__ import annotations``).
 """
 
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,8 +23,8 @@ from lightning_mqsp.kernels.forward import partial_attention_forward as _forward
 @torch.library.custom_op("lightning_mqsp::partial_attention_forward", mutates_args=())
 def partial_attention_forward(
     q: Tensor, k: Tensor, v: Tensor,
-    query_positions: Tensor, key_positions: Tensor, key_padding_mask: Optional[Tensor],
-    query_documents: Optional[Tensor], key_documents: Optional[Tensor], dropout_seed: Optional[Tensor],
+    query_positions: Tensor, key_positions: Tensor, key_padding_mask: Tensor | None,
+    query_documents: Tensor | None, key_documents: Tensor | None, dropout_seed: Tensor | None,
     query_segments: int, window_left: int, window_right: int, softcap: float, dropout_p: float, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Partial attention of q [B, H, M, D] against k, v [B, H_kv, N, D]: (out [B, H, M, D], row_max, row_log_sum [B, H, M]), float32."""
@@ -45,8 +44,8 @@ def _partial_attention_forward_fake(q: Tensor, *args: object) -> tuple[Tensor, T
 def partial_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
     grad_key: Tensor, grad_value: Tensor,
-    query_positions: Tensor, key_positions: Tensor, key_padding_mask: Optional[Tensor],
-    query_documents: Optional[Tensor], key_documents: Optional[Tensor], dropout_seed: Optional[Tensor],
+    query_positions: Tensor, key_positions: Tensor, key_padding_mask: Tensor | None,
+    query_documents: Tensor | None, key_documents: Tensor | None, dropout_seed: Tensor | None,
     query_segments: int, window_left: int, window_right: int, softcap: float, dropout_p: float, scale: float,
 ) -> Tensor:
     """This call's gradient share given the global row statistics: returns dq [B, H, M, D] float32 and

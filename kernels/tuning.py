@@ -57,7 +57,7 @@ def describe(config: triton.Config) -> str:
 
 def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     """The configs meant for this head size (BLOCK_D); the last, smallest one for larger heads."""
-    block_d = kwargs["BLOCK_D"]
+    block_d = int(kwargs["BLOCK_D"])  # type: ignore[call-overload]
     fitting = [config for config in configs if block_d <= _MAX_HEAD_DIM[id(config)]]
     return fitting or configs[-1:]
 

@@ -19,26 +19,26 @@ import os
 # Importing lightning imports torch._dynamo, which imports triton: set it before anything.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import json  # noqa: E402
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+import pytest
+import torch
+import triton
+from reference import allowed_pairs, dense_attention, relative_error
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from triton.runtime.interpreter import InterpretedFunction
 
-from lightning_mqsp.backends import get_backend, resolve_backend  # noqa: E402
-from lightning_mqsp.dropout import keep_mask  # noqa: E402
-from lightning_mqsp.kernels import ops, tuning  # noqa: E402
-from lightning_mqsp.merge import Partial, merge  # noqa: E402
-from lightning_mqsp.visibility import Visibility, Window  # noqa: E402
-from reference import allowed_pairs, dense_attention, relative_error  # noqa: E402
+from lightning_mqsp.backends import get_backend, resolve_backend
+from lightning_mqsp.dropout import keep_mask
+from lightning_mqsp.kernels import ops, tuning
+from lightning_mqsp.merge import Partial, merge
+from lightning_mqsp.visibility import Visibility, Window
 
 if not tuning.INTERPRET or not isinstance(triton.language.standard.max, InterpretedFunction):
     raise RuntimeError(

@@ -11,19 +11,19 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before lightning_mqsp.kernels is imported, in every rank
 
-import datetime  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from reference import allowed_pairs, dense_attention, relative_error
 
-from reference import allowed_pairs, dense_attention, relative_error  # noqa: E402
-from lightning_mqsp import mqsp_attention, shard_sequence  # noqa: E402
-from lightning_mqsp.dropout import draw_seed, keep_mask  # noqa: E402
+from lightning_mqsp import mqsp_attention, shard_sequence
+from lightning_mqsp.dropout import draw_seed, keep_mask
 
 WORLD_SIZE = 2
 LENGTH, BATCH, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 32
