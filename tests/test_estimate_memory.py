@@ -85,3 +85,11 @@ def test_recipe_estimates_match_real_two_rank_steps(workers, recipe: str, precis
     estimate = _quiet_estimate(setup)
     for rank, measured in enumerate(workers(2).run(measured_peak, setup)):
         assert abs(estimate / measured - 1) <= TOLERANCE, f"rank {rank}: estimate {estimate:,} B, measured {measured:,} B"
+
+
+def test_the_gpu_kernels_footprint_is_estimated_from_their_fake_implementations() -> None:
+    """attention_backend="triton" runs the Triton ops' fake implementations under FakeTensorMode (no GPU, no
+    interpreter): the step's peak, which keeps no [rows, keys] tile nor GQA-expanded keys, is at most the CPU kernel's."""
+    cpu, gpu = (_quiet_estimate(Setup("tiny-llama", "mqsp", 2048, 2, recipe="full", attention_backend=backend))
+                for backend in ("cpu_flash", "triton"))
+    assert 0 < gpu <= cpu

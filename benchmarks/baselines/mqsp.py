@@ -15,8 +15,10 @@ from .common import Method, ProcessGroup, Shape, inputs_and_grads_bytes
 SHARD_BUFFERS_AT_PEAK = 8
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, micro_q_size: int | None = None) -> Tensor:
-    return mqsp_attention(q, k, v, group=group, micro_q_size=micro_q_size, backend="cpu_flash")
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, micro_q_size: int | None = None, backend: str = "cpu_flash",
+) -> Tensor:
+    return mqsp_attention(q, k, v, group=group, micro_q_size=micro_q_size, backend=backend)
 
 
 def communication_bytes(shape: Shape) -> dict[str, int]:

@@ -20,6 +20,7 @@ import sys
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lightning_mqsp.merge import Partial
 from lightning_mqsp.visibility import Visibility
@@ -65,14 +66,16 @@ class TritonBackend:
     def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
-        if q.device.type == "cpu":
+        # Under FakeTensorMode (memory estimates) the custom ops' fake implementations give the shapes; nothing runs.
+        fake = isinstance(q, FakeTensor)
+        if q.device.type == "cpu" and not fake:
             if not _interpreting():
                 if os.environ.get("TRITON_INTERPRET") == "1":
                     return "TRITON_INTERPRET=1 was set after triton was imported: set it before Python starts"
                 return "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
-        elif q.device.type != "cuda":
+        elif q.device.type not in ("cuda", "cpu"):
             return f"it runs on CUDA tensors (or CPU tensors through the Triton interpreter), got {q.device.type}"
-        elif _interpreting():
+        elif q.device.type == "cuda" and _interpreting():
             return "TRITON_INTERPRET=1 is set: the kernels run in the interpreter, which takes CPU tensors only"
         if q.dtype not in _SUPPORTED_DTYPES:
             return f"it supports float16, bfloat16 and float32 inputs, got {q.dtype}"
