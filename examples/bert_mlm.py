@@ -27,7 +27,29 @@ import lightning_mqsp  # noqa: F401  (registers the "mqsp" strategy name)
 from lightning_mqsp import sequence_parallel_cross_entropy
 
 
-class BertMLM(LightningModule):
+class LanguageModel(LightningModule):
+    """What the examples' language models share: the logged full-sequence ``loss`` (each defines it), AdamW and
+    a linear warmup, from the hyperparameters ``lr``, ``weight_decay`` and ``warmup_steps``."""
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+class BertMLM(LanguageModel):
     """A BERT encoder with a masked-LM head; the loss is exact over the whole sequence under MQSP.
 
     Args:
@@ -63,19 +85,8 @@ class BertMLM(LightningModule):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids")
         ).logits
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = sequence_parallel_cross_entropy(self(batch), batch["labels"])
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", sequence_parallel_cross_entropy(self(batch), batch["labels"]), prog_bar=True, sync_dist=True)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        return sequence_parallel_cross_entropy(self(batch), batch["labels"])
 
 
 class LanguageModelCLI(LightningCLI):

@@ -12,13 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bert_mlm import main
+from bert_mlm import LanguageModel, main
 
 from lightning_mqsp import causal_lm_cross_entropy
 
@@ -38,7 +36,7 @@ def build_causal_lm(architecture: str, vocab_size: int, hidden_size: int, num_la
     raise ValueError(f"architecture must be 'llama' or 'gpt2', got {architecture!r}.")
 
 
-class CausalLM(LightningModule):
+class CausalLM(LanguageModel):
     """Next-token prediction with the exact full-sequence loss.
 
     Under :class:`~lightning_mqsp.MQSPStrategy` the labels arrive already shifted (the strategy
@@ -60,20 +58,6 @@ class CausalLM(LightningModule):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids")
         ).logits
         return causal_lm_cross_entropy(logits, batch["labels"])
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self.loss(batch), prog_bar=True, sync_dist=True)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
 if __name__ == "__main__":

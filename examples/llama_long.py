@@ -26,13 +26,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bert_mlm import main
+from bert_mlm import LanguageModel, main
 
 from lightning_mqsp import chunked_causal_lm_cross_entropy
 
@@ -52,7 +50,7 @@ def build_llama(preset: str, vocab_size: int, max_positions: int, pretrained: st
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, **PRESETS[preset]))
 
 
-class LlamaLong(LightningModule):
+class LlamaLong(LanguageModel):
     """Next-token prediction over packed documents with the chunked full-sequence loss."""
 
     def __init__(
@@ -73,20 +71,6 @@ class LlamaLong(LightningModule):
         assert self.model is not None
         hidden = self.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
         return chunked_causal_lm_cross_entropy(hidden, self.model.lm_head, batch["labels"], chunk_size=self.hparams.loss_chunk_size)
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self.loss(batch), prog_bar=True, sync_dist=True)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
 if __name__ == "__main__":
