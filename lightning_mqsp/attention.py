@@ -235,6 +235,20 @@ class _LocalAttention(torch.autograd.Function):
 
 class _MQSPAttention(torch.autograd.Function):
     @staticmethod
+    def _steps(plan: _Plan) -> list[tuple[int, int]]:
+        """The micro-steps in the order forward and backward run them. Zigzag: first, last, second,
+        second to last, ... Under a causal mask a step of a rank's first chunk is cheap on the ranks
+        that hold early chunks and dear on the others, and one of its second chunk the other way
+        round; each rank can run about one step ahead of the slowest (the next step's gather is
+        already issued), so alternating them makes every rank wait for the others about as long as
+        it would for a balanced step, where running them in order made the ranks take turns being
+        the bottleneck (1.2x the work of one rank at P=2). Only the order changes, not the results."""
+        steps = plan.steps()
+        if plan.layout != "zigzag":
+            return steps
+        return [steps[i // 2] if i % 2 == 0 else steps[-1 - i // 2] for i in range(len(steps))]
+
+    @staticmethod
     @_without_autocast
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:
         b, h, _, d = query.shape
@@ -242,7 +256,7 @@ class _MQSPAttention(torch.autograd.Function):
         out = torch.empty_like(query)
         row_max = torch.empty(query.shape[:3], dtype=dtype, device=query.device)
         row_log_sum = torch.empty_like(row_max)
-        steps = plan.steps()
+        steps = _MQSPAttention._steps(plan)
 
         def gather(j: int) -> comm.Pending:
             start, stop = steps[j]
@@ -281,7 +295,7 @@ class _MQSPAttention(torch.autograd.Function):
         grad_query = torch.empty(query.shape, dtype=dtype, device=query.device)
         grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
-        steps = plan.steps()
+        steps = _MQSPAttention._steps(plan)
 
         def gather(j: int) -> tuple[comm.Pending, comm.Pending]:
             start, stop = steps[j]
