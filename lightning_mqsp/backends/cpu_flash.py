@@ -54,7 +54,9 @@ TILE = 512
 #: diagonal is cut into blocks of this many rows, each a small causal call and a whole call over the
 #: diagonal's keys before it (a staircase), which makes an m-row diagonal cost m x DIAGONAL, not m x m.
 DIAGONAL = 128
-#: Most keys per backward call: the kernel returns dK and dV for every key it is given.
+#: Most keys per backward call: the kernel returns dK and dV for every key it is given. Fewer on
+#: short steps, down to half the step's gathered rows (and 128): a call's dK and dV are then no
+#: larger than the step's queries.
 KEY_BLOCK = 512
 
 
@@ -77,9 +79,16 @@ class _Piece:
         return slice(self.key_start, self.key_stop)
 
 
-def _pieces(visibility: Visibility) -> list[_Piece]:
+def _pieces(visibility: Visibility, skyline: bool = False) -> list[_Piece]:
     """The kernel calls for ``visibility``: whole pieces (joined over key runs and adjacent query runs)
-    first, then the causal diagonals and tiles of the key runs a query run sees in part."""
+    first, then the causal diagonals and tiles of the key runs a query run sees in part.
+
+    ``skyline`` (for the backward): adjacent query runs that each see a prefix [0, w) of the keys
+    whole (causal attention) are cut as a skyline instead, all of them against the shortest prefix,
+    then those that see further against the next stretch, and so on, so that each key is in one
+    call per step: every call adds dK and dV of all its keys into the accumulators, which costs
+    more than the query gradients of the rows (for l > P x micro_q_size), and as much again for
+    each further call over the same keys."""
     window, documents = visibility.window, visibility.has_documents
     groups: list[tuple[int, int, list[tuple[int, int]]]] = []  # (row_start, row_stop, whole key ranges)
     partial = []
@@ -104,8 +113,45 @@ def _pieces(visibility: Visibility) -> list[_Piece]:
             groups[-1] = (groups[-1][0], row_stop, whole)
         else:
             groups.append((row_start, row_stop, whole))
+    if skyline:
+        return _skyline(groups) + partial
     wholes = [_Piece(r0, r1, k0, k1, "whole") for r0, r1, ranges in groups for k0, k1 in ranges]
     return wholes + partial
+
+
+def _skyline(groups: list[tuple[int, int, list[tuple[int, int]]]]) -> list[_Piece]:
+    """Whole pieces for row groups and their whole key ranges: adjacent groups whose keys are a
+    prefix [0, w) (w = 0: none) are cut as a skyline, the others called as they are."""
+    pieces: list[_Piece] = []
+    towers: list[tuple[int, int, int]] = []  # adjacent groups seeing a prefix: (row_start, row_stop, w)
+    for row_start, row_stop, ranges in groups:
+        prefix = not ranges or (len(ranges) == 1 and ranges[0][0] == 0)
+        if not (prefix and towers and towers[-1][1] == row_start):
+            pieces += _levels(towers, 0)
+            towers = []
+        if prefix:
+            towers.append((row_start, row_stop, ranges[0][1] if ranges else 0))
+        else:
+            pieces += [_Piece(row_start, row_stop, k0, k1, "whole") for k0, k1 in ranges]
+    return pieces + _levels(towers, 0)
+
+
+def _levels(towers: list[tuple[int, int, int]], base: int) -> list[_Piece]:
+    """Adjacent rows seeing keys [0, w) each, keys below ``base`` done: one call per maximal run of
+    towers above ``base`` up to its lowest top, then the same above that."""
+    pieces, i = [], 0
+    while i < len(towers):
+        if towers[i][2] <= base:
+            i += 1
+            continue
+        j = i
+        while j < len(towers) and towers[j][2] > base:
+            j += 1
+        level = min(w for _, _, w in towers[i:j])
+        pieces.append(_Piece(towers[i][0], towers[j - 1][1], base, level, "whole"))
+        pieces += _levels(towers[i:j], level)
+        i = j
+    return pieces
 
 
 def _join(ranges: list[tuple[int, int]], start: int, stop: int) -> None:
@@ -313,7 +359,7 @@ class CpuFlashBackend:
         out = _output_with_delta(dout, delta)
         # The kernel recomputes p = exp(s - lse): a row with no key anywhere (row_max = -inf) must give p = 0.
         lse = torch.where(torch.isneginf(row_max), torch.full_like(row_max, float("inf")), log_sum_exp(finite_max(row_max), row_log_sum))
-        pieces = _key_blocks(_pieces(visibility), KEY_BLOCK)
+        pieces = _key_blocks(_pieces(visibility, skyline=True), min(KEY_BLOCK, max(rows // 2, 128)))
         dq = q.new_empty(q.shape)
         written = _Written()
         for piece in pieces:
@@ -324,12 +370,12 @@ class CpuFlashBackend:
             )
             grad_key[:, :, c].add_(part_dk)  # in place (``x[c] += y`` would copy the slice back onto itself)
             grad_value[:, :, c].add_(part_dv)
-            del part_dk, part_dv  # before the next piece's kernel call allocates its own
             if _covers_all(pieces, rows):
                 return part_dq
             for start, stop, seen in written.split(piece.row_start, piece.row_stop):
                 part = part_dq[:, :, start - piece.row_start : stop - piece.row_start]
                 (dq[:, :, start:stop].add_ if seen else dq[:, :, start:stop].copy_)(part)
+            del part_dq, part_dk, part_dv, part  # before the next piece's kernel call allocates its own
         for start, stop in written.gaps(rows):
             dq[:, :, start:stop] = 0.0
         return dq
