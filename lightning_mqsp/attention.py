@@ -41,8 +41,13 @@ AUTO_GATHERED_ROWS = 1024
 
 def auto_micro_q_size(local_length: int, world_size: int) -> int:
     """Rows per rank per micro-step when none is given: about AUTO_GATHERED_ROWS gathered rows a
-    step, so the step's buffers stay a constant size however long the sequence grows."""
-    return max(1, min(local_length, math.ceil(AUTO_GATHERED_ROWS / world_size)))
+    step, so the step's buffers stay a constant size however long the sequence grows; and no more
+    than half the rank's own rows, l/2: a step holds about seven times its gathered queries (the
+    queries and output gradients with their prefetched successors, the output stand-in and dQ of the
+    cpu_flash backward), next to about eight of the rank's own q-sized tensors, so on short sequences
+    (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=4) a full-size step would outweigh them."""
+    gathered = min(AUTO_GATHERED_ROWS, local_length // 2)
+    return max(1, min(local_length, math.ceil(gathered / world_size)))
 
 
 def communication_bytes(
@@ -297,20 +302,23 @@ class _MQSPAttention(torch.autograd.Function):
         grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
         steps = _MQSPAttention._steps(plan)
 
-        def gather(j: int) -> tuple[comm.Pending, comm.Pending]:
+        def gather(j: int) -> comm.Pending:
             start, stop = steps[j]
-            # Query rows and their output gradients travel in the input dtype, row statistics in float32.
+            # Query rows and their output gradients travel in the input dtype, row statistics in float32,
+            # in one all-gather: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
+            # exact; one collective a step fewer). delta's row sums as [1, D] x [D, 1] matmuls: aten's sum
+            # over a last dimension of 64 is several times slower on CPU.
             step_grad_out = grad_out[:, :, start:stop]
-            delta = (step_grad_out.to(dtype) * out[:, :, start:stop].to(dtype)).sum(dim=-1)
-            rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype)], dim=-1)
+            delta = (step_grad_out.to(dtype).unsqueeze(-2) @ out[:, :, start:stop].to(dtype).unsqueeze(-1))[..., 0, 0]
             stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
-            return (comm.all_gather(rows, plan.group, "mqsp_attention: the backward all-gather of queries and output gradients"),
-                    comm.all_gather(stats, plan.group, "mqsp_attention: the backward all-gather of row statistics"))
+            rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
+            return comm.all_gather(rows, plan.group, "mqsp_attention: the backward all-gather of queries, output gradients, row statistics")
 
-        def unpack(pending: tuple[comm.Pending, comm.Pending]) -> tuple[Tensor, ...]:
-            rows, stats = pending[0].wait(), _ranks_to_rows(pending[1].wait())
+        def unpack(pending: comm.Pending) -> tuple[Tensor, ...]:
+            rows = pending.wait()
             # Straight into contiguous [B, H, P*c, ...] tensors: one copy, none in the kernel.
-            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:]), stats[..., 0], stats[..., 1], stats[..., 2]
+            stats = _ranks_to_rows(rows[..., 2 * d:]).view(dtype)
+            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:2 * d]), stats[..., 0], stats[..., 1], stats[..., 2]
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             start, stop = steps[j]
