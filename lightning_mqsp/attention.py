@@ -35,8 +35,10 @@ from lightning_mqsp.visibility import Visibility, Window
 Gathered = TypeVar("Gathered")
 Inputs = TypeVar("Inputs")
 
-#: With micro_q_size=None each micro-step gathers about this many query rows from the whole group.
-AUTO_GATHERED_ROWS = 1024
+#: With micro_q_size=None each micro-step gathers about this many query rows from the whole group
+#: (2048: each step has a fixed cost, in collectives and in adding the step's dK/dV of every local key
+#: into the accumulators; 1024 was 2-4% slower on causal CPU runs at L=8k-16k, docs/benchmarks.md).
+AUTO_GATHERED_ROWS = 2048
 
 
 def auto_micro_q_size(local_length: int, world_size: int) -> int:
@@ -44,8 +46,8 @@ def auto_micro_q_size(local_length: int, world_size: int) -> int:
     step, so the step's buffers stay a constant size however long the sequence grows; and no more
     than half the rank's own rows, l/2: a step holds about seven times its gathered queries (the
     queries and output gradients with their prefetched successors, the output stand-in and dQ of the
-    cpu_flash backward), next to about eight of the rank's own q-sized tensors, so on short sequences
-    (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=4) a full-size step would outweigh them."""
+    cpu_flash backward), next to about eight of the rank's own q-sized tensors, so on shorter
+    sequences (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=2 or 4) a full-size step would outweigh them."""
     gathered = min(AUTO_GATHERED_ROWS, local_length // 2)
     return max(1, min(local_length, math.ceil(gathered / world_size)))
 
