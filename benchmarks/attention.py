@@ -118,8 +118,9 @@ def _every_rank(value: float) -> list[float]:
 
 
 def _measure(task: Task) -> list[Record]:
-    """Per variant one MemTracker'd, byte-counted fwd+bwd (doubling as its warm-up), then the
-    timed runs, interleaved over the variants; peaks and times are the slowest rank's."""
+    """Per variant a warm-up fwd+bwd (MQSP's first call of a signature also checks the inputs across
+    ranks, once), one MemTracker'd, byte-counted fwd+bwd, then the timed runs, interleaved over the
+    variants; peaks and times are the slowest rank's, and every rank's peak is kept."""
     shape = task.shape
     local = (shape.batch, shape.heads, shape.local_length, shape.head_dim)
     q, k, v = (torch.randn(local, requires_grad=True) for _ in range(3))
@@ -132,6 +133,7 @@ def _measure(task: Task) -> list[Record]:
 
     peaks, sent = [], []
     for variant in task.variants:
+        fwd_bwd(variant)
         tracker = MemTracker()
         tracker.track_external(q, k, v, dout)
         with count_communication() as counter, tracker:
@@ -183,7 +185,8 @@ def _rank_main(
         for task in tasks:
             records += _measure(task)
             if rank == 0:
-                print(f"  P={world_size} L={task.shape.length:>6} done: {', '.join(v.method for v in task.variants)}", flush=True)
+                print(f"  P={world_size} L={task.shape.length:>6} done: {', '.join(v.method for v in task.variants)}; "
+                      f"load average {os.getloadavg()}", flush=True)
         if rank == 0:
             Path(result_path).write_text(json.dumps({"check_errors": errors, "records": [asdict(r) for r in records]}))
     finally:
