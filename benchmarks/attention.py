@@ -427,6 +427,37 @@ def plot_scaling(records: list[Record], world_sizes: list[int], path: Path, sett
     plt.close(fig)
 
 
+def plot_ratios(records: list[Record], world_sizes: list[int], path: Path, setting: str) -> None:
+    """MQSP's time and per-rank peak over Ulysses' and over ring attention's against L, one line per
+    (baseline, P): the ratios the table prints, where 1 is parity and below 1 MQSP is ahead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, quantity, label in ((axes[0], "time_s", "fwd+bwd time"), (axes[1], "peak_bytes", "peak memory per rank")):
+        for i, name in enumerate(("ulysses", "ring")):
+            for p, style in zip(world_sizes, ("o-", "s--", "^:")):
+                points = []
+                for ours in sorted((r for r in records if (r.method, r.world_size) == ("mqsp", p)), key=lambda r: r.length):
+                    other = find(records, name, p, ours.length)
+                    if other is not None and getattr(ours, quantity) and getattr(other, quantity):
+                        points.append((ours.length, getattr(ours, quantity) / getattr(other, quantity)))
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i + 3}", label=f"mqsp / {name}, P={p}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(f"{label}: mqsp / baseline")
+        ax.set_title(f"{label} ({setting})")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_weak_scaling(records: list[Record], lengths: list[int], path: Path) -> None:
     """Per-rank peak against P with l = L/P held fixed: flat is linear memory."""
     import matplotlib
@@ -530,6 +561,7 @@ def run_scaling(args: argparse.Namespace) -> None:
     }, indent=1))
     (args.out / f"{name}.txt").write_text(table + "\n\n" + ratios + "\n" + summary_text + "\n")
     plot_scaling(records, sorted(args.world_sizes), args.out / f"{name}_scaling.png", "causal" if args.causal else "no mask")
+    plot_ratios(records, sorted(args.world_sizes), args.out / f"{name}_ratios.png", "causal" if args.causal else "no mask")
     # The two longest complete series: more lines than that make the plot unreadable.
     plot_weak_scaling(records, [length for length in args.lengths if length * 4 in args.lengths][-2:],
                       args.out / ("weak_scaling_causal.png" if args.causal else "weak_scaling.png"))
