@@ -47,8 +47,10 @@ def auto_micro_q_size(local_length: int, world_size: int) -> int:
     than half the rank's own rows, l/2: a step holds about seven times its gathered queries (the
     queries and output gradients with their prefetched successors, the output stand-in and dQ of the
     cpu_flash backward), next to about eight of the rank's own q-sized tensors, so on shorter
-    sequences (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=2 or 4) a full-size step would outweigh them."""
-    gathered = min(AUTO_GATHERED_ROWS, local_length // 2)
+    sequences (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=2 or 4) a full-size step would outweigh
+    them. But at least AUTO_GATHERED_ROWS / 4 rows (all of them on tiny sequences): below that the
+    step's fixed costs outweigh what it saves."""
+    gathered = min(AUTO_GATHERED_ROWS, max(local_length // 2, AUTO_GATHERED_ROWS // 4))
     return max(1, min(local_length, math.ceil(gathered / world_size)))
 
 
