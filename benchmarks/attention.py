@@ -3,12 +3,14 @@
 Runs every method of :mod:`benchmarks.baselines` (MQSP, dense, Ring Self-Attention, ring
 attention with online softmax, Ulysses) on P gloo ranks on this CPU, after checking each against
 single-process float64 SDPA (outputs and dQ, dK, dV). Per configuration: one fwd+bwd under
-``MemTracker`` (exact per-rank peak, and the warm-up) and ``count_communication`` (bytes each
-rank sends), then the median of ``--repeats`` timed fwd+bwd runs (each the slowest rank's time).
-A configuration whose analytic peak exceeds the memory budget is reported, not run.
+``MemTracker`` (exact peak of every rank, and the warm-up) and ``count_communication`` (bytes each
+rank sends), then the median of ``--repeats`` timed fwd+bwd runs (each the slowest rank's time),
+interleaved over the methods. A configuration whose analytic peak exceeds the memory budget is
+reported, not run.
 
     python benchmarks/attention.py                 # full run: ~15 min estimated on 2 idle cores (51 min measured under load)
     python benchmarks/attention.py --quick         # ~1 min estimated idle (5.5 min measured under load)
+    python benchmarks/attention.py --causal        # causal: MQSP (zigzag and contiguous), dense, ring (zigzag), Ulysses
     python benchmarks/attention.py --micro-q-sweep # memory/time against micro_q_size at one L, P
 
 Writes a table to stdout and JSON + PNG plots to ``--out`` (default benchmarks/out/).
@@ -40,10 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.baselines import METHODS
 from benchmarks.baselines.common import FP32_TOLERANCE, AttentionFn, Shape, reference_errors
+from benchmarks.baselines.mqsp import CONTIGUOUS as MQSP_CONTIGUOUS
 from lightning_mqsp import auto_micro_q_size, count_communication
 
 GiB = 2**30
 MiB = 2**20
+#: The methods of a --causal run (RSA and Megatron-style attention hold L^2 maps; --methods adds them).
+CAUSAL_METHODS = ["mqsp", "mqsp_contiguous", "dense", "ring", "ulysses"]
+#: Without a mask the contiguous MQSP is the same call as ``mqsp``.
+FULL_METHODS = [name for name in METHODS if name != MQSP_CONTIGUOUS.name]
 #: Collectives wait this long for a slow rank; a 32k fwd+bwd on an oversubscribed core takes minutes.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=20)
 
@@ -78,11 +85,14 @@ class Record:
     status: str  # "ok", or why the configuration was not run
     peak_estimate_bytes: int
     comm_formula_bytes: dict[str, int]
-    peak_bytes: int | None = None
+    peak_bytes: int | None = None  # the largest of the ranks' peaks
+    peak_bytes_per_rank: list[int] = field(default_factory=list)
     time_s: float | None = None
     times_s: list[float] = field(default_factory=list)
     comm_counted_bytes: dict[str, int] = field(default_factory=dict)
     micro_q_size: int | None = None
+    causal: bool = False
+    load_average: list[float] = field(default_factory=list)  # /proc/loadavg when this (L, P) was measured
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +110,17 @@ def _max_over_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _every_rank(value: float) -> list[float]:
+    """``value`` of every rank, in rank order."""
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor([value], dtype=torch.float64))
+    return [t.item() for t in gathered]
+
+
 def _measure(task: Task) -> list[Record]:
-    """Per variant one MemTracker'd, byte-counted fwd+bwd (doubling as its warm-up), then the
-    timed runs, interleaved over the variants; peaks and times are the slowest rank's."""
+    """Per variant a warm-up fwd+bwd (MQSP's first call of a signature also checks the inputs across
+    ranks, once), one MemTracker'd, byte-counted fwd+bwd, then the timed runs, interleaved over the
+    variants; peaks and times are the slowest rank's, and every rank's peak is kept."""
     shape = task.shape
     local = (shape.batch, shape.heads, shape.local_length, shape.head_dim)
     q, k, v = (torch.randn(local, requires_grad=True) for _ in range(3))
@@ -111,10 +129,11 @@ def _measure(task: Task) -> list[Record]:
     def fwd_bwd(variant: Variant) -> None:
         for t in (q, k, v):
             t.grad = None
-        _attention_for(variant)(q, k, v, None).backward(dout)
+        _attention_for(variant)(q, k, v, None, shape.causal).backward(dout)
 
     peaks, sent = [], []
     for variant in task.variants:
+        fwd_bwd(variant)
         tracker = MemTracker()
         tracker.track_external(q, k, v, dout)
         with count_communication() as counter, tracker:
@@ -135,8 +154,9 @@ def _measure(task: Task) -> list[Record]:
         records.append(Record(
             method=variant.method, world_size=shape.world_size, length=shape.length, status="ok",
             peak_estimate_bytes=method.peak_memory_bytes(shape), comm_formula_bytes=method.communication_bytes(shape),
-            peak_bytes=int(slowest[0]), times_s=slowest[1:], time_s=statistics.median(slowest[1:]) if variant_times else None,
-            comm_counted_bytes=variant_sent, micro_q_size=variant.micro_q_size,
+            peak_bytes=int(slowest[0]), peak_bytes_per_rank=[int(p) for p in _every_rank(peak)], times_s=slowest[1:],
+            time_s=statistics.median(slowest[1:]) if variant_times else None, comm_counted_bytes=variant_sent,
+            micro_q_size=variant.micro_q_size, causal=shape.causal, load_average=list(os.getloadavg()),
         ))
     return records
 
@@ -145,7 +165,7 @@ def _check(methods: list[str], shape: Shape) -> dict[str, dict[str, float]]:
     """Every method's worst relative error (over ranks) against float64 SDPA; raises above tolerance."""
     errors = {}
     for name in methods:
-        local = reference_errors(METHODS[name].attention, shape)
+        local = reference_errors(METHODS[name], shape)
         errors[name] = dict(zip(local, _max_over_ranks(list(local.values()))))
         worst = max(errors[name].values())
         if worst > FP32_TOLERANCE:
@@ -165,7 +185,8 @@ def _rank_main(
         for task in tasks:
             records += _measure(task)
             if rank == 0:
-                print(f"  P={world_size} L={task.shape.length:>6} done: {', '.join(v.method for v in task.variants)}", flush=True)
+                print(f"  P={world_size} L={task.shape.length:>6} done: {', '.join(v.method for v in task.variants)}; "
+                      f"load average {os.getloadavg()}", flush=True)
         if rank == 0:
             Path(result_path).write_text(json.dumps({"check_errors": errors, "records": [asdict(r) for r in records]}))
     finally:
@@ -207,7 +228,7 @@ def planned_records(args: argparse.Namespace, world_size: int) -> tuple[list[Tas
     """The tasks to run on ``world_size`` ranks, and records for the configurations not run."""
     tasks, skipped = [], []
     for length in args.lengths:
-        shape = Shape(args.batch, args.heads, length, args.head_dim, world_size)
+        shape = Shape(args.batch, args.heads, length, args.head_dim, world_size, args.causal)
         variants = []
         for name in args.methods:
             reason = skip_reason(args, name, shape)
@@ -215,7 +236,8 @@ def planned_records(args: argparse.Namespace, world_size: int) -> tuple[list[Tas
                 variants.append(Variant(name))
             else:
                 method = METHODS[name]
-                skipped.append(Record(name, world_size, length, reason, method.peak_memory_bytes(shape), method.communication_bytes(shape)))
+                skipped.append(Record(name, world_size, length, reason, method.peak_memory_bytes(shape), method.communication_bytes(shape),
+                                      causal=args.causal))
         if variants:
             tasks.append(Task(shape, tuple(variants), args.repeats if length <= args.time_max_length else 0))
     return tasks, skipped
@@ -224,7 +246,7 @@ def planned_records(args: argparse.Namespace, world_size: int) -> tuple[list[Tas
 def refreshed(record: Record, args: argparse.Namespace) -> Record:
     """A record read back from an earlier run, with its analytic peak and byte formula (and a
     memory skip's "would need") recomputed by the current code; measurements are kept."""
-    shape = Shape(args.batch, args.heads, record.length, args.head_dim, record.world_size)
+    shape = Shape(args.batch, args.heads, record.length, args.head_dim, record.world_size, record.causal)
     method = METHODS[record.method]
     record.peak_estimate_bytes = method.peak_memory_bytes(shape)
     record.comm_formula_bytes = method.communication_bytes(shape)
@@ -238,7 +260,7 @@ def threads_per_rank(world_size: int) -> int:
 
 
 def check_shape_for(args: argparse.Namespace, world_size: int) -> Shape:
-    return Shape(args.batch, args.heads, args.check_length, args.head_dim, world_size)
+    return Shape(args.batch, args.heads, args.check_length, args.head_dim, world_size, args.causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +289,14 @@ def fmt_comm(sent: dict[str, int]) -> str:
     return fmt_bytes(sum(sent.values())) if sent else "0"
 
 
+def rank_spread(record: Record) -> str:
+    """(largest - smallest) / smallest of the ranks' peaks: how unequal the ranks' memory is."""
+    peaks = record.peak_bytes_per_rank
+    return f"{max(peaks) / min(peaks) - 1:.1%}" if len(peaks) > 1 and min(peaks) > 0 else "-"
+
+
 def print_table(records: list[Record]) -> str:
-    header = (f"{'P':>2} {'L':>6} {'method':<8} {'peak/rank':>11} {'(analytic)':>11} {'fwd+bwd s':>10} "
+    header = (f"{'P':>2} {'L':>6} {'method':<15} {'peak/rank':>11} {'rank spread':>11} {'(analytic)':>11} {'fwd+bwd s':>10} "
               f"{'sent/rank':>11} {'(formula)':>11}  note")
     lines = [header, "-" * len(header)]
     for r in sorted(records, key=lambda r: (r.world_size, r.length, list(METHODS).index(r.method))):
@@ -278,8 +306,33 @@ def print_table(records: list[Record]) -> str:
         if r.status == "ok" and r.comm_counted_bytes != r.comm_formula_bytes:
             note = "counted != formula"
         lines.append(
-            f"{r.world_size:>2} {r.length:>6} {r.method:<8} {fmt_bytes(r.peak_bytes):>11} {fmt_bytes(r.peak_estimate_bytes):>11} "
-            f"{time_s:>10} {counted:>11} {fmt_comm(r.comm_formula_bytes):>11}  {note}"
+            f"{r.world_size:>2} {r.length:>6} {r.method:<15} {fmt_bytes(r.peak_bytes):>11} {rank_spread(r):>11} "
+            f"{fmt_bytes(r.peak_estimate_bytes):>11} {time_s:>10} {counted:>11} {fmt_comm(r.comm_formula_bytes):>11}  {note}"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def print_ratios(records: list[Record]) -> str:
+    """MQSP over Ulysses and over ring attention, time and per-rank peak, at every measured (L, P):
+    the ratios of one run, whose timed repeats were interleaved (below 1: MQSP faster or smaller)."""
+    header = (f"{'P':>2} {'L':>6} {'mqsp s':>8} {'mqsp peak per rank':>26}  {'/ulysses time':>13} {'/ulysses peak':>13}  "
+              f"{'/ring time':>10} {'/ring peak':>10}")
+    lines = ["MQSP / Ulysses and MQSP / ring attention (peak: the largest rank's; below 1: MQSP faster or smaller)", header,
+             "-" * len(header)]
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.3f}" if a and b else "-"
+
+    for ours in sorted((r for r in records if r.method == "mqsp" and r.status == "ok"), key=lambda r: (r.world_size, r.length)):
+        p, length = ours.world_size, ours.length
+        ulysses, ring = find(records, "ulysses", p, length), find(records, "ring", p, length)
+        per_rank = " / ".join(f"{b / MiB:.1f}" for b in ours.peak_bytes_per_rank) + " MiB"
+        lines.append(
+            f"{p:>2} {length:>6} {ours.time_s or float('nan'):>8.3f} {per_rank:>26}  "
+            f"{ratio(ours.time_s, ulysses and ulysses.time_s):>13} {ratio(ours.peak_bytes, ulysses and ulysses.peak_bytes):>13}  "
+            f"{ratio(ours.time_s, ring and ring.time_s):>10} {ratio(ours.peak_bytes, ring and ring.peak_bytes):>10}"
         )
     text = "\n".join(lines)
     print(text)
@@ -335,7 +388,7 @@ def print_headline(summary: dict[str, Any], ratio_length: int) -> str:
     return text
 
 
-def plot_scaling(records: list[Record], world_sizes: list[int], path: Path) -> None:
+def plot_scaling(records: list[Record], world_sizes: list[int], path: Path, setting: str) -> None:
     """Peak memory and time against L (log-log), one panel per P, one line per method; analytic
     peaks of configurations not run are drawn hollow on a dotted line."""
     import matplotlib
@@ -360,7 +413,7 @@ def plot_scaling(records: list[Record], world_sizes: list[int], path: Path) -> N
             timed = [(r.length, r.time_s) for r in rows if r.time_s is not None]
             if timed:
                 time_ax.plot(*zip(*timed), "o-", color=color, label=name)
-        mem_ax.set_title(f"P = {p}")
+        mem_ax.set_title(f"P = {p}, {setting}")
         for ax, label in ((mem_ax, "peak memory per rank (MiB)"), (time_ax, "fwd+bwd time (s)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -369,6 +422,37 @@ def plot_scaling(records: list[Record], world_sizes: list[int], path: Path) -> N
             if col == 0:
                 ax.set_ylabel(label)
     axes[0][0].legend(fontsize=8, title="hollow: analytic,\nnot run", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ratios(records: list[Record], world_sizes: list[int], path: Path, setting: str) -> None:
+    """MQSP's time and per-rank peak over Ulysses' and over ring attention's against L, one line per
+    (baseline, P): the ratios the table prints, where 1 is parity and below 1 MQSP is ahead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, quantity, label in ((axes[0], "time_s", "fwd+bwd time"), (axes[1], "peak_bytes", "peak memory per rank")):
+        for i, name in enumerate(("ulysses", "ring")):
+            for p, style in zip(world_sizes, ("o-", "s--", "^:")):
+                points = []
+                for ours in sorted((r for r in records if (r.method, r.world_size) == ("mqsp", p)), key=lambda r: r.length):
+                    other = find(records, name, p, ours.length)
+                    if other is not None and getattr(ours, quantity) and getattr(other, quantity):
+                        points.append((ours.length, getattr(ours, quantity) / getattr(other, quantity)))
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i + 3}", label=f"mqsp / {name}, P={p}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(f"{label}: mqsp / baseline")
+        ax.set_title(f"{label} ({setting})")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -467,23 +551,27 @@ def run_scaling(args: argparse.Namespace) -> None:
     print(f"\nChecked against float64 SDPA at L={args.check_length} before timing; worst relative error per P: "
           + ", ".join(f"P={p}: {max(max(e.values()) for e in errs.values()):.1e}" for p, errs in check_errors.items() if errs))
     table = print_table(records)
+    ratios = print_ratios(records)
     summary = headline(records, args)
     summary_text = print_headline(summary, args.ratio_length)
-    (args.out / "attention.json").write_text(json.dumps({
+    name = "attention_causal" if args.causal else "attention"
+    (args.out / f"{name}.json").write_text(json.dumps({
         "machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "check_errors": check_errors, "records": [asdict(r) for r in records], "headline": summary,
     }, indent=1))
-    (args.out / "attention.txt").write_text(table + "\n" + summary_text + "\n")
-    plot_scaling(records, sorted(args.world_sizes), args.out / "attention_scaling.png")
+    (args.out / f"{name}.txt").write_text(table + "\n\n" + ratios + "\n" + summary_text + "\n")
+    plot_scaling(records, sorted(args.world_sizes), args.out / f"{name}_scaling.png", "causal" if args.causal else "no mask")
+    plot_ratios(records, sorted(args.world_sizes), args.out / f"{name}_ratios.png", "causal" if args.causal else "no mask")
     # The two longest complete series: more lines than that make the plot unreadable.
-    plot_weak_scaling(records, [length for length in args.lengths if length * 4 in args.lengths][-2:], args.out / "weak_scaling.png")
+    plot_weak_scaling(records, [length for length in args.lengths if length * 4 in args.lengths][-2:],
+                      args.out / ("weak_scaling_causal.png" if args.causal else "weak_scaling.png"))
     print(f"\nload average start {info['load_average_at_start']}, end {info['load_average_at_end']}; wrote {args.out}/")
 
 
 def run_micro_q_sweep(args: argparse.Namespace) -> None:
     info = machine()
     p, length = args.sweep_world_size, args.sweep_length
-    shape = Shape(args.batch, args.heads, length, args.head_dim, p)
+    shape = Shape(args.batch, args.heads, length, args.head_dim, p, args.causal)
     auto = auto_micro_q_size(shape.local_length, p)
     sizes = sorted({c for c in args.micro_q_sizes if c <= shape.local_length} | {auto})
     tasks = [Task(shape, tuple(Variant("mqsp", c) for c in sizes), args.repeats)]
@@ -513,7 +601,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-q-sweep", action="store_true", help="sweep micro_q_size at --sweep-length, --sweep-world-size instead")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--causal", action="store_true", help="causal attention (MQSP and ring attention in the zigzag layout)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help=f"default: {' '.join(FULL_METHODS)}; with --causal {' '.join(CAUSAL_METHODS)}")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -533,7 +623,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].quick:  # smaller defaults; flags given explicitly still win
         parser.set_defaults(lengths=[1024, 2048, 4096], repeats=2, check_length=256, ratio_length=4096,
                             sweep_length=4096, micro_q_sizes=[64, 256, 1024])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = CAUSAL_METHODS if args.causal else FULL_METHODS
+    return args
 
 
 def main() -> None:

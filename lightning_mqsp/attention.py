@@ -35,14 +35,23 @@ from lightning_mqsp.visibility import Visibility, Window
 Gathered = TypeVar("Gathered")
 Inputs = TypeVar("Inputs")
 
-#: With micro_q_size=None each micro-step gathers about this many query rows from the whole group.
-AUTO_GATHERED_ROWS = 1024
+#: With micro_q_size=None each micro-step gathers about this many query rows from the whole group
+#: (2048: each step has a fixed cost, in collectives and in adding the step's dK/dV of every local key
+#: into the accumulators; 1024 was 2-4% slower on causal CPU runs at L=8k-16k, docs/benchmarks.md).
+AUTO_GATHERED_ROWS = 2048
 
 
 def auto_micro_q_size(local_length: int, world_size: int) -> int:
     """Rows per rank per micro-step when none is given: about AUTO_GATHERED_ROWS gathered rows a
-    step, so the step's buffers stay a constant size however long the sequence grows."""
-    return max(1, min(local_length, math.ceil(AUTO_GATHERED_ROWS / world_size)))
+    step, so the step's buffers stay a constant size however long the sequence grows; and no more
+    than half the rank's own rows, l/2: a step holds about seven times its gathered queries (the
+    queries and output gradients with their prefetched successors, the output stand-in and dQ of the
+    cpu_flash backward), next to about eight of the rank's own q-sized tensors, so on shorter
+    sequences (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=2 or 4) a full-size step would outweigh
+    them. But at least AUTO_GATHERED_ROWS / 4 rows (all of them on tiny sequences): below that the
+    step's fixed costs outweigh what it saves."""
+    gathered = min(AUTO_GATHERED_ROWS, max(local_length // 2, AUTO_GATHERED_ROWS // 4))
+    return max(1, min(local_length, math.ceil(gathered / world_size)))
 
 
 def communication_bytes(
@@ -235,6 +244,20 @@ class _LocalAttention(torch.autograd.Function):
 
 class _MQSPAttention(torch.autograd.Function):
     @staticmethod
+    def _steps(plan: _Plan) -> list[tuple[int, int]]:
+        """The micro-steps in the order forward and backward run them. Zigzag: first, last, second,
+        second to last, ... Under a causal mask a step of a rank's first chunk is cheap on the ranks
+        that hold early chunks and dear on the others, and one of its second chunk the other way
+        round; each rank can run about one step ahead of the slowest (the next step's gather is
+        already issued), so alternating them makes every rank wait for the others about as long as
+        it would for a balanced step, where running them in order made the ranks take turns being
+        the bottleneck (1.2x the work of one rank at P=2). Only the order changes, not the results."""
+        steps = plan.steps()
+        if plan.layout != "zigzag":
+            return steps
+        return [steps[i // 2] if i % 2 == 0 else steps[-1 - i // 2] for i in range(len(steps))]
+
+    @staticmethod
     @_without_autocast
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:
         b, h, _, d = query.shape
@@ -242,7 +265,7 @@ class _MQSPAttention(torch.autograd.Function):
         out = torch.empty_like(query)
         row_max = torch.empty(query.shape[:3], dtype=dtype, device=query.device)
         row_log_sum = torch.empty_like(row_max)
-        steps = plan.steps()
+        steps = _MQSPAttention._steps(plan)
 
         def gather(j: int) -> comm.Pending:
             start, stop = steps[j]
@@ -281,22 +304,25 @@ class _MQSPAttention(torch.autograd.Function):
         grad_query = torch.empty(query.shape, dtype=dtype, device=query.device)
         grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
-        steps = plan.steps()
+        steps = _MQSPAttention._steps(plan)
 
-        def gather(j: int) -> tuple[comm.Pending, comm.Pending]:
+        def gather(j: int) -> comm.Pending:
             start, stop = steps[j]
-            # Query rows and their output gradients travel in the input dtype, row statistics in float32.
+            # Query rows and their output gradients travel in the input dtype, row statistics in float32,
+            # in one all-gather: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
+            # exact; one collective a step fewer). delta's row sums as [1, D] x [D, 1] matmuls: aten's sum
+            # over a last dimension of 64 is several times slower on CPU.
             step_grad_out = grad_out[:, :, start:stop]
-            delta = (step_grad_out.to(dtype) * out[:, :, start:stop].to(dtype)).sum(dim=-1)
-            rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype)], dim=-1)
+            delta = (step_grad_out.to(dtype).unsqueeze(-2) @ out[:, :, start:stop].to(dtype).unsqueeze(-1))[..., 0, 0]
             stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
-            return (comm.all_gather(rows, plan.group, "mqsp_attention: the backward all-gather of queries and output gradients"),
-                    comm.all_gather(stats, plan.group, "mqsp_attention: the backward all-gather of row statistics"))
+            rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
+            return comm.all_gather(rows, plan.group, "mqsp_attention: the backward all-gather of queries, output gradients, row statistics")
 
-        def unpack(pending: tuple[comm.Pending, comm.Pending]) -> tuple[Tensor, ...]:
-            rows, stats = pending[0].wait(), _ranks_to_rows(pending[1].wait())
+        def unpack(pending: comm.Pending) -> tuple[Tensor, ...]:
+            rows = pending.wait()
             # Straight into contiguous [B, H, P*c, ...] tensors: one copy, none in the kernel.
-            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:]), stats[..., 0], stats[..., 1], stats[..., 2]
+            stats = _ranks_to_rows(rows[..., 2 * d:]).view(dtype)
+            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:2 * d]), stats[..., 0], stats[..., 1], stats[..., 2]
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             start, stop = steps[j]

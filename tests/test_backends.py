@@ -14,7 +14,7 @@ import pytest
 import torch
 from reference import allowed_pairs, dense_attention, relative_error
 
-from lightning_mqsp.backends import get_backend
+from lightning_mqsp.backends import cpu_flash, get_backend
 from lightning_mqsp.merge import merge
 from lightning_mqsp.visibility import Visibility, Window
 
@@ -52,6 +52,9 @@ CASES = [
     *(Case(b, w, "contiguous", padding=True, documents=True) for b in CPU_BACKENDS for w in WINDOWS),
     Case("cpu_flash", (None, 0), "contiguous", rows=600, keys=700, documents=True),  # several 512-tiles
     Case("cpu_flash", (100, 0), "runs", rows=600, keys=1100, padding=True),
+    # Causal diagonals of several DIAGONAL-row blocks, backward calls of several KEY_BLOCK keys.
+    Case("cpu_flash", (None, 0), "contiguous", rows=300, keys=1100),
+    Case("cpu_flash", (None, 0), "runs", rows=300, keys=1100, padding=True, kv_heads=2),
     Case("reference", (None, 0), "runs", padding=True, softcap=2.0),
     Case("reference", (3, 3), "contiguous", documents=True, kv_heads=1, softcap=5.0),
 ]
@@ -59,6 +62,39 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_split_keys_merge_to_exact_attention(case: Case) -> None:
+    check_split_keys_merge_to_exact_attention(case)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.backend == "cpu_flash"], ids=str)
+def test_cpu_flash_is_exact_however_finely_it_splits(monkeypatch: pytest.MonkeyPatch, case: Case) -> None:
+    """Diagonal blocks of 3 rows, backward calls of 5 keys, tiles of 7: every row meets several
+    pieces (copied once, then merged) and every key several backward calls."""
+    monkeypatch.setattr(cpu_flash, "DIAGONAL", 3)
+    monkeypatch.setattr(cpu_flash, "KEY_BLOCK", 5)
+    monkeypatch.setattr(cpu_flash, "TILE", 7)
+    check_split_keys_merge_to_exact_attention(case)
+
+
+def test_cpu_flash_makes_few_calls() -> None:
+    """Full attention is one call whatever the runs; under a causal mask the keys every row of a run
+    sees are one call, shared by adjacent runs that see the same keys, and the diagonal is cut in
+    blocks of DIAGONAL rows (a small causal call and the diagonal's keys before it)."""
+    d = cpu_flash.DIAGONAL
+    rows = torch.cat([torch.arange(4 * d, 6 * d), torch.arange(8 * d, 9 * d), torch.arange(10 * d, 11 * d)])
+    keys = torch.cat([torch.arange(0, 2 * d), torch.arange(4 * d, 6 * d)])  # two runs; rows 0..2d sit on the second
+    full = cpu_flash._pieces(Visibility.for_positions(rows, keys))
+    assert [(p.row_start, p.row_stop, p.key_start, p.key_stop, p.kind) for p in full] == [(0, 4 * d, 0, 4 * d, "whole")]
+    causal = cpu_flash._pieces(Visibility.for_positions(rows, keys, window=Window(None, 0)))
+    assert [(p.row_start, p.row_stop, p.key_start, p.key_stop, p.kind) for p in causal] == [
+        (0, 2 * d, 0, 2 * d, "whole"),  # the first run: the first key run whole, then its diagonal with the second
+        (2 * d, 4 * d, 0, 4 * d, "whole"),  # the two later runs see every key: one call
+        (0, d, 2 * d, 3 * d, "causal"),
+        (d, 2 * d, 2 * d, 3 * d, "whole"),
+        (d, 2 * d, 3 * d, 4 * d, "causal"),
+    ]
+
+
+def check_split_keys_merge_to_exact_attention(case: Case) -> None:
     g = torch.Generator().manual_seed(0)
     b, h, m, n, d = 2, 4, case.rows, case.keys, 16
     q = torch.randn(b, h, m, d, generator=g, dtype=torch.float64)

@@ -1,10 +1,12 @@
 """What the attention methods compared in ``benchmarks/attention.py`` share.
 
-Every method takes this rank's contiguous shard of the sequence, q/k/v [B, H, l, D] with
-l = L / P, and returns this rank's rows of the output, non-causal and unmasked (the benchmark's
-setting). The pieces here are the substrate they are built on: the counted collectives of
-:mod:`lightning_mqsp.comm`, a counted ring shift for point-to-point methods, the aten CPU flash
-kernel, and the float64 reference every method is checked against before it is timed.
+Every method takes this rank's shard of the sequence, q/k/v [B, H, l, D] with l = L / P, in the
+method's layout (:attr:`Method.layout`: contiguous, or zigzag for the causal load balancing of
+MQSP and ring attention), and returns this rank's rows of the output, unmasked, causal or not
+(the benchmark's settings). The pieces here are the substrate they are built on: the counted
+collectives of :mod:`lightning_mqsp.comm`, a counted ring shift for point-to-point methods, the
+aten CPU flash kernel, and the float64 reference every method is checked against before it is
+timed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_mqsp import comm
+from lightning_mqsp import comm, shard_sequence
 from lightning_mqsp.comm import Pending, ProcessGroup
+from lightning_mqsp.layout import Layout
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -26,8 +29,8 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 #: Relative error (max abs error / max abs value) a float32 method may have against float64 SDPA.
 FP32_TOLERANCE = 1e-4
 
-#: (q, k, v, group) -> this rank's output rows.
-AttentionFn = Callable[[Tensor, Tensor, Tensor, "ProcessGroup | None"], Tensor]
+#: (q, k, v, group, causal) -> this rank's output rows.
+AttentionFn = Callable[[Tensor, Tensor, Tensor, "ProcessGroup | None", bool], Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Shape:
     length: int
     head_dim: int
     world_size: int
+    causal: bool = False
     itemsize: int = 4  # float32
 
     @property
@@ -56,13 +60,18 @@ class Shape:
 
 @dataclass(frozen=True)
 class Method:
-    """An attention method, its analytic bytes sent per rank per fwd+bwd call, and its analytic
-    per-rank memory peak (used to skip sizes that would not fit, before running them)."""
+    """An attention method, its analytic bytes sent per rank per fwd+bwd call, its analytic
+    per-rank memory peak (used to skip sizes that would not fit, before running them), and the
+    layout of its shards under a causal mask (without one every method is contiguous)."""
 
     name: str
     attention: AttentionFn
     communication_bytes: Callable[[Shape], dict[str, int]]
     peak_memory_bytes: Callable[[Shape], int]
+    causal_layout: Layout = "contiguous"
+
+    def layout(self, causal: bool) -> Layout:
+        return self.causal_layout if causal else "contiguous"
 
 
 def inputs_and_grads_bytes(shape: Shape) -> int:
@@ -120,34 +129,36 @@ def ring_blocks(x: Tensor, group: ProcessGroup | None) -> Iterator[tuple[int, Te
             x = pending.wait()
 
 
-def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """aten's CPU flash kernel: out [B, H, M, D] and float32 log-sum-exp [B, H, M]; no M x N map is kept."""
-    out, lse = _flash_forward(q, k, v, 0.0, False, scale=scale)
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False) -> tuple[Tensor, Tensor]:
+    """aten's CPU flash kernel: out [B, H, M, D] and float32 log-sum-exp [B, H, M]; no M x N map is
+    kept. ``causal``: row i sees keys 0..i (top-left aligned, as ``is_causal`` of SDPA)."""
+    out, lse = _flash_forward(q, k, v, 0.0, causal, scale=scale)
     return out, lse
 
 
 def flash_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's backward. Fed the *global* out and lse of the rows, it gives exactly the
     gradient share of the keys ``k``/``v`` passed in (the ring-attention trick)."""
-    return _flash_backward(dout, q, k, v, out, lse, 0.0, False, scale=scale)
+    return _flash_backward(dout, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
 class LocalFlashAttention(torch.autograd.Function):
-    """Single-device attention on the aten CPU flash kernel, saving only out and lse for backward."""
+    """Single-device attention on the aten CPU flash kernel (what CPU SDPA runs for these inputs),
+    saving only out and lse for backward."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        out, lse = flash_forward(q, k, v, scale)
-        ctx.scale = scale
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:  # type: ignore[override]
+        out, lse = flash_forward(q, k, v, scale, causal)
+        ctx.scale, ctx.causal = scale, causal
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        return (*flash_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale), None)
+        return (*flash_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale, ctx.causal), None, None)
 
 
 def gather_sequence(x: Tensor, group: ProcessGroup | None) -> Tensor:
@@ -180,6 +191,12 @@ def default_scale(q: Tensor) -> float:
     return q.size(-1) ** -0.5
 
 
+def causal_mask(local_length: int, rank: int, world_size: int) -> Tensor:
+    """Bool [l, L]: which keys of the whole sequence the rows of this rank's contiguous shard see."""
+    rows = torch.arange(rank * local_length, (rank + 1) * local_length).view(-1, 1)
+    return torch.arange(world_size * local_length).view(1, -1) <= rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Correctness: every method against single-process float64 SDPA, before anything is timed.
 
@@ -191,15 +208,15 @@ def make_inputs(shape: Shape, seed: int = 0) -> dict[str, Tensor]:
     return {name: torch.randn(size, generator=g) for name in ("q", "k", "v", "dout")}
 
 
-def local_shard(x: Tensor, rank: int, world_size: int) -> Tensor:
-    """This rank's contiguous shard of a full [B, H, L, D] tensor."""
-    return x.chunk(world_size, dim=2)[rank].contiguous()
+def local_shard(x: Tensor, rank: int, world_size: int, layout: Layout = "contiguous") -> Tensor:
+    """This rank's shard of a full [B, H, L, D] tensor in ``layout``."""
+    return shard_sequence(x, 2, rank, world_size, layout).contiguous()
 
 
-def float64_reference(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def float64_reference(inputs: dict[str, Tensor], causal: bool = False) -> dict[str, Tensor]:
     """out, dq, dk, dv of full-sequence ``scaled_dot_product_attention`` in float64."""
     q, k, v = (inputs[n].double().requires_grad_() for n in "qkv")
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     out.backward(inputs["dout"].double())
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -209,13 +226,15 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-def reference_errors(attention: AttentionFn, shape: Shape, group: ProcessGroup | None = None) -> dict[str, float]:
-    """Relative errors of this rank's out, dq, dk, dv against the float64 reference's shard."""
+def reference_errors(method: Method, shape: Shape, group: ProcessGroup | None = None, seed: int = 0) -> dict[str, float]:
+    """Relative errors of this rank's out, dq, dk, dv against the float64 reference's shard (in the
+    method's layout), causal when ``shape`` is."""
     rank, world_size = rank_and_size(group)
-    inputs = make_inputs(shape)
-    expected = float64_reference(inputs)
-    q, k, v = (local_shard(inputs[n], rank, world_size).requires_grad_() for n in "qkv")
-    out = attention(q, k, v, group)
-    out.backward(local_shard(inputs["dout"], rank, world_size))
+    layout = method.layout(shape.causal)
+    inputs = make_inputs(shape, seed)
+    expected = float64_reference(inputs, shape.causal)
+    q, k, v = (local_shard(inputs[n], rank, world_size, layout).requires_grad_() for n in "qkv")
+    out = method.attention(q, k, v, group, shape.causal)
+    out.backward(local_shard(inputs["dout"], rank, world_size, layout))
     actual = {"out": out, "dq": q.grad, "dk": k.grad, "dv": v.grad}
-    return {name: relative_error(value, local_shard(expected[name], rank, world_size)) for name, value in actual.items()}
+    return {name: relative_error(value, local_shard(expected[name], rank, world_size, layout)) for name, value in actual.items()}

@@ -9,7 +9,8 @@ placement is reached with one all-to-all per tensor, [B, H, l, D] -> [B, H/P, L,
 helpers of :mod:`.ulysses`). The core is the textbook one, composed from autograd ops, so the
 H/P x L x L scores and probabilities are materialised; as in Megatron-LM 3's selective
 activation recomputation it is checkpointed, so those maps are rebuilt in backward instead of
-being kept from forward. Needs H % P == 0.
+being kept from forward. Causal: the full-sequence causal mask on the H/P x L x L scores (the
+sequence is whole and in order after the all-to-all). Needs H % P == 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .common import Method, ProcessGroup, Shape, default_scale, inputs_and_grads_bytes, rank_and_size
+from .common import Method, ProcessGroup, Shape, causal_mask, default_scale, inputs_and_grads_bytes, rank_and_size
 from .ulysses import HeadsToSequence, SequenceToHeads
 from .ulysses import communication_bytes as ulysses_communication_bytes
 
@@ -30,18 +31,20 @@ SCORE_MAPS_AT_PEAK = 4
 SHARD_BUFFERS_AT_PEAK = 12
 
 
-def _attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
     """softmax(q k^T * scale) v over [B, H/P, L, D], materialising the H/P x L x L map."""
-    probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
-    return probs @ v
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.size(2), 0, 1), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, causal: bool = False) -> Tensor:
     _, size = rank_and_size(group)
     if q.size(1) % size != 0:
         raise ValueError(f"Tensor-parallel attention needs the heads ({q.size(1)}) to divide by the ranks ({size}).")
     q_heads, k_heads, v_heads = (SequenceToHeads.apply(x, group) for x in (q, k, v))
-    out_heads = checkpoint(_attention_core, q_heads, k_heads, v_heads, default_scale(q), use_reentrant=False)
+    out_heads = checkpoint(_attention_core, q_heads, k_heads, v_heads, default_scale(q), causal, use_reentrant=False)
     return HeadsToSequence.apply(out_heads, group)
 
 

@@ -1,12 +1,17 @@
-"""MQSP itself (:func:`lightning_mqsp.mqsp_attention`), wrapped as a benchmark method."""
+"""MQSP itself (:func:`lightning_mqsp.mqsp_attention`), wrapped as benchmark methods: ``mqsp`` shards
+the sequence in the zigzag layout under a causal mask (its load balancing), ``mqsp_contiguous``
+always contiguously; without a mask both are the same call."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from lightning_mqsp import auto_micro_q_size, mqsp_attention
 from lightning_mqsp.attention import communication_bytes as mqsp_communication_bytes
+from lightning_mqsp.layout import Layout
 
 from .common import Method, ProcessGroup, Shape, inputs_and_grads_bytes
 
@@ -16,9 +21,11 @@ SHARD_BUFFERS_AT_PEAK = 8
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, micro_q_size: int | None = None, backend: str = "cpu_flash",
+    q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, causal: bool = False, micro_q_size: int | None = None,
+    *, causal_layout: Layout = "zigzag", backend: str = "cpu_flash",
 ) -> Tensor:
-    return mqsp_attention(q, k, v, group=group, micro_q_size=micro_q_size, backend=backend)
+    layout = causal_layout if causal else "contiguous"
+    return mqsp_attention(q, k, v, group=group, causal=causal, layout=layout, micro_q_size=micro_q_size, backend=backend)
 
 
 def communication_bytes(shape: Shape) -> dict[str, int]:
@@ -36,4 +43,5 @@ def peak_memory_bytes(shape: Shape) -> int:
     return inputs_and_grads_bytes(shape) + SHARD_BUFFERS_AT_PEAK * shape.local_elements() * shape.itemsize + step
 
 
-METHOD = Method("mqsp", attention, communication_bytes, peak_memory_bytes)
+METHOD = Method("mqsp", attention, communication_bytes, peak_memory_bytes, causal_layout="zigzag")
+CONTIGUOUS = Method("mqsp_contiguous", partial(attention, causal_layout="contiguous"), communication_bytes, peak_memory_bytes)

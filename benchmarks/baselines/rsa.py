@@ -8,6 +8,8 @@ Backward follows ColossalAI: the query gradient (RingQK) and the probabilities' 
 (RingAV) ring K and V around again; the key and value gradients are computed for all L rows on
 every rank and summed onto their owners. ColossalAI does that with an all-reduce followed by a
 slice; a reduce-scatter moves half the bytes for the same result, and that is what runs here.
+Causal: the block's scores of keys after the row's global position are set to -inf before the
+softmax (ColossalAI's attention mask, applied to the assembled block).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .common import (
     Method,
     ProcessGroup,
     Shape,
+    causal_mask,
     default_scale,
     inputs_and_grads_bytes,
     rank_and_size,
@@ -86,8 +89,10 @@ class RingAV(torch.autograd.Function):
         return grad_probs, scatter_sequence_sum(grad_v_all, ctx.group), None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, causal: bool = False) -> Tensor:
     scores = RingQK.apply(q, k, group, default_scale(q))
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.size(2), *rank_and_size(group)), float("-inf"))
     return RingAV.apply(torch.softmax(scores, dim=-1), v, group)
 
 

@@ -2,7 +2,9 @@
 
 Q, K and V [B, H, l, D] are exchanged so that every rank holds H/P heads over the whole
 sequence, [B, H/P, L, D]; local attention runs there on aten's CPU flash kernel, and a last
-all-to-all brings the output back to sequence shards. Backward mirrors it. Needs H % P == 0.
+all-to-all brings the output back to sequence shards. Backward mirrors it. Causal: the local
+attention takes the full-sequence causal mask (``is_causal``; the sequence is whole and in
+order after the all-to-all, so the shards are contiguous). Needs H % P == 0.
 """
 
 from __future__ import annotations
@@ -57,12 +59,12 @@ class HeadsToSequence(torch.autograd.Function):
         return sequence_to_heads(grad, ctx.group), None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, causal: bool = False) -> Tensor:
     _, size = rank_and_size(group)
     if q.size(1) % size != 0:
         raise ValueError(f"Ulysses needs the heads ({q.size(1)}) to divide by the ranks ({size}).")
     q_heads, k_heads, v_heads = (SequenceToHeads.apply(x, group) for x in (q, k, v))
-    out_heads = LocalFlashAttention.apply(q_heads, k_heads, v_heads, default_scale(q))
+    out_heads = LocalFlashAttention.apply(q_heads, k_heads, v_heads, default_scale(q), causal)
     return HeadsToSequence.apply(out_heads, group)
 
 

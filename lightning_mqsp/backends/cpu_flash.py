@@ -3,23 +3,34 @@
 The kernel tiles the score map itself and returns the log-sum-exp, so no M x N block is
 allocated for the common masks. It knows two of them: none, and "top-left" causal (row i sees
 keys 0..i), plus an additive bias. A visibility by *global* positions is therefore cut into
-pieces it understands, from the host-known runs of positions alone (no tensor is read):
+pieces it understands, from the host-known runs of positions alone (no tensor is read), as few
+and as large as possible (each call has a fixed cost, and every extra piece of a row costs a
+merge):
 
 - each (query run, key run) pair whose window hides every pair is skipped;
-- one that the window shows whole is one call without a mask (key padding as a [B, 1, 1, n]
-  bias, broadcast by the kernel, not copied);
-- under a causal window, the rest is the keys before the first row (whole) and a diagonal that,
-  trimmed to start at the same position on both sides, is exactly top-left causal;
+- the keys the window shows whole to a query run are one call without a mask, however many key
+  runs they span (adjacent in index: positions ascend), and adjacent query runs that see the same
+  keys whole share that call: full attention is always one call, and under a causal mask in the
+  zigzag layout the rows of every rank whose chunk lies after this rank's chunks are one call
+  over all its keys. Key padding is a [B, 1, 1, n] bias, broadcast by the kernel, not copied;
+- under a causal window, a partly visible key run is its keys before the first row (whole, in
+  the call above) and a diagonal that, trimmed to start at the same position on both sides, is
+  exactly top-left causal;
 - anything else (sliding windows, documents) is cut into tiles of at most ``TILE`` x ``TILE``,
   each skipped, taken whole, or given an explicit [B, 1, m, n] bias.
 
-The pieces' partial results are merged by :func:`lightning_mqsp.merge.merge_into`, like the
-ranks' partials are. Inputs are computed in float32; the kernel returns one float32 log-sum-exp
-per row, so each partial's ``row_max`` here is that log-sum-exp (and ``row_log_sum`` 0): its
-rounding, up to 6e-8 x |log-sum-exp|, is the one place where this backend is less precise than
-the others (``docs/design.md``, "The merge"). Dropout and soft-capping need the counter-based
-mask or a score transform this kernel cannot take: ``supports`` says so and ``backend="auto"``
-falls back to the reference backend.
+The first piece that covers a row is copied into the result; later ones are merged into it by
+:func:`lightning_mqsp.merge.merge_into`, like the ranks' partials are. In backward each piece's
+dK and dV are added straight into the caller's accumulators. Grouped-query K/V go to the kernel
+as they are (it maps query heads to key/value heads itself, and sums dK/dV over each group), so
+nothing of size N is expanded or allocated per call beyond the kernel's own outputs.
+
+Inputs are computed in float32; the kernel returns one float32 log-sum-exp per row, so each
+partial's ``row_max`` here is that log-sum-exp (and ``row_log_sum`` 0): its rounding, up to
+6e-8 x |log-sum-exp|, is the one place where this backend is less precise than the others
+(``docs/design.md``, "The merge"). Dropout and soft-capping need the counter-based mask or a
+score transform this kernel cannot take: ``supports`` says so and ``backend="auto"`` falls back
+to the reference backend.
 """
 
 from __future__ import annotations
@@ -30,8 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_mqsp.backends import expand_kv_heads, reduce_kv_heads
-from lightning_mqsp.merge import Partial, empty_partial, finite_max, log_sum_exp, merge_into
+from lightning_mqsp.merge import Partial, finite_max, log_sum_exp, merge_into
 from lightning_mqsp.visibility import Visibility, Window
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -39,6 +49,15 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 #: Largest side of a piece that needs an explicit [B, 1, m, n] bias (sliding windows, documents).
 TILE = 512
+#: Rows per causal diagonal piece. The kernel computes a causal call's last block of (up to 512)
+#: keys whole and masks it, so a d x d diagonal costs as much as a d x d square (d <= 512): a
+#: diagonal is cut into blocks of this many rows, each a small causal call and a whole call over the
+#: diagonal's keys before it (a staircase), which makes an m-row diagonal cost m x DIAGONAL, not m x m.
+DIAGONAL = 128
+#: Most keys per backward call: the kernel returns dK and dV for every key it is given. Fewer on
+#: short steps, down to half the step's gathered rows (and 128): a call's dK and dV are then no
+#: larger than the step's queries.
+KEY_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -60,33 +79,109 @@ class _Piece:
         return slice(self.key_start, self.key_stop)
 
 
-def _pieces(visibility: Visibility) -> list[_Piece]:
+def _pieces(visibility: Visibility, skyline: bool = False) -> list[_Piece]:
+    """The kernel calls for ``visibility``: whole pieces (joined over key runs and adjacent query runs)
+    first, then the causal diagonals and tiles of the key runs a query run sees in part.
+
+    ``skyline`` (for the backward): adjacent query runs that each see a prefix [0, w) of the keys
+    whole (causal attention) are cut as a skyline instead, all of them against the shortest prefix,
+    then those that see further against the next stretch, and so on, so that each key is in one
+    call per step: every call adds dK and dV of all its keys into the accumulators, which costs
+    more than the query gradients of the rows (for l > P x micro_q_size), and as much again for
+    each further call over the same keys."""
     window, documents = visibility.window, visibility.has_documents
-    pieces = []
+    groups: list[tuple[int, int, list[tuple[int, int]]]] = []  # (row_start, row_stop, whole key ranges)
+    partial = []
     for row_start, row_stop, row_pos in visibility.query_runs:
         last_row_pos = row_pos + (row_stop - row_start) - 1
+        whole: list[tuple[int, int]] = []
         for key_start, key_stop, key_pos in visibility.key_runs:
             last_key_pos = key_pos + (key_stop - key_start) - 1
             if not window.sees_any(row_pos, last_row_pos, key_pos, last_key_pos):
                 continue
             if not documents and window.sees_all(row_pos, last_row_pos, key_pos, last_key_pos):
-                pieces.append(_Piece(row_start, row_stop, key_start, key_stop, "whole"))
+                _join(whole, key_start, key_stop)
             elif not documents and window.is_causal:
-                pieces.extend(_causal_pieces(row_start, row_stop, row_pos, key_start, key_stop, key_pos))
+                for piece in _causal_pieces(row_start, row_stop, row_pos, key_start, key_stop, key_pos):
+                    if (piece.kind, piece.row_start, piece.row_stop) == ("whole", row_start, row_stop):
+                        _join(whole, piece.key_start, piece.key_stop)
+                    else:
+                        partial.append(piece)
             else:
-                pieces.extend(_tiles(window, documents, row_start, row_stop, row_pos, key_start, key_stop, key_pos))
+                partial.extend(_tiles(window, documents, row_start, row_stop, row_pos, key_start, key_stop, key_pos))
+        if groups and groups[-1][1] == row_start and groups[-1][2] == whole:
+            groups[-1] = (groups[-1][0], row_stop, whole)
+        else:
+            groups.append((row_start, row_stop, whole))
+    if skyline:
+        return _skyline(groups) + partial
+    wholes = [_Piece(r0, r1, k0, k1, "whole") for r0, r1, ranges in groups for k0, k1 in ranges]
+    return wholes + partial
+
+
+def _skyline(groups: list[tuple[int, int, list[tuple[int, int]]]]) -> list[_Piece]:
+    """Whole pieces for row groups and their whole key ranges: adjacent groups whose keys are a
+    prefix [0, w) (w = 0: none) are cut as a skyline, the others called as they are."""
+    pieces: list[_Piece] = []
+    towers: list[tuple[int, int, int]] = []  # adjacent groups seeing a prefix: (row_start, row_stop, w)
+    for row_start, row_stop, ranges in groups:
+        prefix = not ranges or (len(ranges) == 1 and ranges[0][0] == 0)
+        if not (prefix and towers and towers[-1][1] == row_start):
+            pieces += _levels(towers, 0)
+            towers = []
+        if prefix:
+            towers.append((row_start, row_stop, ranges[0][1] if ranges else 0))
+        else:
+            pieces += [_Piece(row_start, row_stop, k0, k1, "whole") for k0, k1 in ranges]
+    return pieces + _levels(towers, 0)
+
+
+def _levels(towers: list[tuple[int, int, int]], base: int) -> list[_Piece]:
+    """Adjacent rows seeing keys [0, w) each, keys below ``base`` done: one call per maximal run of
+    towers above ``base`` up to its lowest top, then the same above that."""
+    pieces, i = [], 0
+    while i < len(towers):
+        if towers[i][2] <= base:
+            i += 1
+            continue
+        j = i
+        while j < len(towers) and towers[j][2] > base:
+            j += 1
+        level = min(w for _, _, w in towers[i:j])
+        pieces.append(_Piece(towers[i][0], towers[j - 1][1], base, level, "whole"))
+        pieces += _levels(towers[i:j], level)
+        i = j
     return pieces
 
 
+def _join(ranges: list[tuple[int, int]], start: int, stop: int) -> None:
+    """Append the index range [start, stop) to ``ranges``, joined with the last one when adjacent."""
+    if ranges and ranges[-1][1] == start:
+        ranges[-1] = (ranges[-1][0], stop)
+    else:
+        ranges.append((start, stop))
+
+
 def _causal_pieces(row_start: int, row_stop: int, row_pos: int, key_start: int, key_stop: int, key_pos: int) -> list[_Piece]:
-    """A causal (row run, key run) pair some of whose pairs are hidden: whole keys before the first row, then a diagonal."""
+    """A causal (row run, key run) pair some of whose pairs are hidden: the keys before the first row
+    (whole, for every row), then the diagonal, in blocks of DIAGONAL rows: the block's keys that the
+    earlier rows of the diagonal see (whole) and the block's own top-left causal square."""
     pieces = []
     diagonal_pos = max(row_pos, key_pos)
     if diagonal_pos > key_pos:  # keys before the first row's position: seen by every row
         pieces.append(_Piece(row_start, row_stop, key_start, min(key_stop, key_start + (diagonal_pos - key_pos)), "whole"))
     diagonal_key = key_start + (diagonal_pos - key_pos)
-    if diagonal_key < key_stop:  # rows and keys both starting at diagonal_pos: top-left causal
-        pieces.append(_Piece(row_start + (diagonal_pos - row_pos), row_stop, diagonal_key, key_stop, "causal"))
+    diagonal_row = row_start + (diagonal_pos - row_pos)
+    # Rows and keys both start at diagonal_pos; no key past the last row's (the kernel computes the
+    # first 512 keys it is given whatever the rows see).
+    for block in range(diagonal_row, row_stop, DIAGONAL):
+        first_key = diagonal_key + (block - diagonal_row)
+        if first_key >= key_stop:  # the key run ends above these rows: they see the rest of it whole
+            pieces.append(_Piece(block, row_stop, diagonal_key, key_stop, "whole"))
+            break
+        if first_key > diagonal_key:
+            pieces.append(_Piece(block, min(block + DIAGONAL, row_stop), diagonal_key, first_key, "whole"))
+        pieces.append(_Piece(block, min(block + DIAGONAL, row_stop), first_key, min(key_stop, first_key + DIAGONAL), "causal"))
     return pieces
 
 
@@ -111,6 +206,8 @@ def _tiles(
 def _attend(visibility: Visibility, piece: _Piece, batch_size: int) -> Tensor | None:
     """Bool mask of the piece's visible pairs beyond what the kernel's flag applies: [B, 1, 1, n] key
     padding for whole and causal pieces, [B, 1, m, n] for masked ones; None when nothing is masked."""
+    if piece.kind != "masked" and visibility.key_padding_mask is None:
+        return None
     block = visibility.block(piece.rows, piece.keys)
     if piece.kind == "masked":
         return block.visible_pairs(batch_size)
@@ -141,12 +238,72 @@ def _output_with_delta(dout: Tensor, delta: Tensor) -> Tensor:
     delta = rowsum(dout * O): u * delta / (peak * |u|^2) with u = dout / peak and peak = max|dout|
     has exactly that row sum, so the rows' outputs need not travel between ranks. Working on u,
     whose squared norm lies in [1, D], keeps it exact however large or small dout is (|dout|^2
-    itself overflows float32 at 1e19 and underflows at 1e-23). Rows with dout = 0 get 0."""
+    itself overflows float32 at 1e19 and underflows at 1e-23). Rows with dout = 0 get 0.
+    One [M, D] tensor besides small temporaries. Row dot products as batched [1, D] x [D, 1]
+    matmuls: aten's reductions over a last dimension of 64 are about 5x slower here."""
     peak = dout.abs().amax(dim=-1, keepdim=True)
     peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     unit = dout / peak
-    norm = (unit * unit).sum(dim=-1, keepdim=True)
-    return unit * (delta.unsqueeze(-1) / peak) / torch.where(norm > 0, norm, torch.ones_like(norm))
+    norm = _row_dot(unit, unit).unsqueeze(-1)
+    return unit.mul_(delta.unsqueeze(-1) / peak / torch.where(norm > 0, norm, torch.ones_like(norm)))
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b, dim=-1) for [..., M, D] tensors, as a batched matmul."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).view(a.shape[:-1])
+
+
+class _Written:
+    """Which rows of a result hold a piece's result already (host-side, sorted disjoint intervals)."""
+
+    def __init__(self) -> None:
+        self.intervals: list[tuple[int, int]] = []
+
+    def split(self, start: int, stop: int) -> list[tuple[int, int, bool]]:
+        """[start, stop) cut into (start, stop, written) sub-intervals; marks all of it written."""
+        parts, at = [], start
+        for lo, hi in self.intervals:
+            lo, hi = max(lo, start), min(hi, stop)
+            if lo >= hi:
+                continue
+            if at < lo:
+                parts.append((at, lo, False))
+            parts.append((lo, hi, True))
+            at = hi
+        if at < stop:
+            parts.append((at, stop, False))
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted([*self.intervals, (start, stop)]):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
+        self.intervals = merged
+        return parts
+
+    def gaps(self, stop: int) -> list[tuple[int, int]]:
+        """The intervals of [0, stop) no piece has written."""
+        gaps, at = [], 0
+        for lo, hi in self.intervals:
+            if at < lo:
+                gaps.append((at, lo))
+            at = hi
+        return gaps + ([(at, stop)] if at < stop else [])
+
+
+def _key_blocks(pieces: list[_Piece], most: int) -> list[_Piece]:
+    """Whole pieces cut into blocks of at most ``most`` keys (for the backward, whose kernel returns
+    dK and dV of every key it is given: without the cut an l-key piece would allocate two l-row
+    buffers per call, the step's largest)."""
+    return [
+        _Piece(p.row_start, p.row_stop, k, min(k + most, p.key_stop), p.kind) if p.kind == "whole" else p
+        for p in pieces for k in (range(p.key_start, p.key_stop, most) if p.kind == "whole" else (p.key_start,))
+    ]
+
+
+def _covers_all(pieces: list[_Piece], rows: int) -> bool:
+    """One piece, over every row: its result is the whole result."""
+    return len(pieces) == 1 and (pieces[0].row_start, pieces[0].row_stop) == (0, rows)
 
 
 class CpuFlashBackend:
@@ -164,10 +321,11 @@ class CpuFlashBackend:
         return None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
-        batch, heads = q.shape[:2]
-        q, k, v = q.float(), expand_kv_heads(k.float(), heads), expand_kv_heads(v.float(), heads)
+        batch, rows = q.size(0), q.size(2)
+        q, k, v = q.float(), k.float(), v.float()
         pieces = _pieces(visibility)
-        result = empty_partial(q.shape, torch.float32, q.device)
+        result = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_zeros(q.shape[:3]))
+        written = _Written()
         for piece in pieces:
             attend = _attend(visibility, piece, batch)
             out, lse = _flash_forward(
@@ -177,34 +335,47 @@ class CpuFlashBackend:
             empty = _rows_without_keys(attend, piece)
             if empty is not None:
                 out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
-            part = Partial(out, lse, torch.zeros_like(lse))
-            if len(pieces) == 1 and (piece.row_start, piece.row_stop) == (0, q.size(2)):
-                return part  # one call covered every row: its result is the partial
-            merge_into(Partial(*(t[:, :, piece.rows] for t in result)), part)
+            if _covers_all(pieces, rows):
+                return Partial(out, lse, result.row_log_sum)
+            for start, stop, seen in written.split(piece.row_start, piece.row_stop):
+                into = Partial(*(t[:, :, start:stop] for t in result))
+                part = slice(start - piece.row_start, stop - piece.row_start)
+                if seen:
+                    merge_into(into, Partial(out[:, :, part], lse[:, :, part], torch.zeros_like(lse[:, :, part])))
+                else:
+                    into.out.copy_(out[:, :, part])
+                    into.row_max.copy_(lse[:, :, part])
+        for start, stop in written.gaps(rows):  # rows that see no key here
+            result.out[:, :, start:stop] = 0.0
+            result.row_max[:, :, start:stop] = float("-inf")
         return result
 
     def backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
         visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
     ) -> Tensor:
-        batch, heads, num_kv_heads = q.size(0), q.size(1), k.size(1)
-        q, k, v = q.float(), expand_kv_heads(k.float(), heads), expand_kv_heads(v.float(), heads)
-        dout = dout.float()
+        batch, rows = q.size(0), q.size(2)
+        q, k, v, dout = q.float(), k.float(), v.float(), dout.float()
         out = _output_with_delta(dout, delta)
         # The kernel recomputes p = exp(s - lse): a row with no key anywhere (row_max = -inf) must give p = 0.
         lse = torch.where(torch.isneginf(row_max), torch.full_like(row_max, float("inf")), log_sum_exp(finite_max(row_max), row_log_sum))
-        dq = torch.zeros_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        for piece in _pieces(visibility):
+        pieces = _key_blocks(_pieces(visibility, skyline=True), min(KEY_BLOCK, max(rows // 2, 128)))
+        dq = q.new_empty(q.shape)
+        written = _Written()
+        for piece in pieces:
             r, c = piece.rows, piece.keys
             part_dq, part_dk, part_dv = _flash_backward(
                 dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], 0.0, piece.kind == "causal",
                 attn_mask=_bias(_attend(visibility, piece, batch)), scale=scale,
             )
-            dq[:, :, r] += part_dq
-            dk[:, :, c] += part_dk
-            dv[:, :, c] += part_dv
-        grad_key.add_(reduce_kv_heads(dk, num_kv_heads))
-        grad_value.add_(reduce_kv_heads(dv, num_kv_heads))
+            grad_key[:, :, c].add_(part_dk)  # in place (``x[c] += y`` would copy the slice back onto itself)
+            grad_value[:, :, c].add_(part_dv)
+            if _covers_all(pieces, rows):
+                return part_dq
+            for start, stop, seen in written.split(piece.row_start, piece.row_stop):
+                part = part_dq[:, :, start - piece.row_start : stop - piece.row_start]
+                (dq[:, :, start:stop].add_ if seen else dq[:, :, start:stop].copy_)(part)
+            del part_dq, part_dk, part_dv, part  # before the next piece's kernel call allocates its own
+        for start, stop in written.gaps(rows):
+            dq[:, :, start:stop] = 0.0
         return dq
