@@ -394,7 +394,7 @@ def mqsp_attention(
             not depend on ``micro_q_size``. The seed is drawn from the query device's generator
             on the group's first rank.
         micro_q_size: local query rows per micro-step; None picks
-            ``ceil(1024 / P)`` (capped at S_local), see :func:`auto_micro_q_size`.
+            about 2048 gathered rows a step (fewer on short sequences), see :func:`auto_micro_q_size`.
         backend: local compute: ``"auto"``, ``"cpu_flash"``, ``"reference"`` or ``"triton"``.
 
     Under autocast the inputs are cast to the autocast dtype first, as

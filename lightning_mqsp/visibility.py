@@ -129,16 +129,18 @@ class Visibility:
         """Whether pairs must be masked beyond what the window and the runs say (padding or documents)."""
         return self.key_padding_mask is not None or self.key_documents is not None
 
-    def visible_pairs(self, batch_size: int) -> Tensor | None:
-        """Bool [B or 1, 1, M, N]: True where the query row may attend the key; None when every pair may."""
-        allowed = self.window.pairs(self.query_positions, self.key_positions)
+    def visible_pairs(self, batch_size: int, rows: slice = slice(None), keys: slice = slice(None)) -> Tensor | None:
+        """Bool [B or 1, 1, m, n]: True where query row ``rows`` may attend key ``keys`` (index ranges; all by
+        default); None when every pair may."""
+        allowed = self.window.pairs(self.query_positions[rows], self.key_positions[keys])
         allowed = None if allowed is None else allowed[None, None]
         if self.key_padding_mask is not None:
-            padding = self.key_padding_mask.view(batch_size, 1, 1, -1)
+            padding = self.key_padding_mask[:, keys].reshape(batch_size, 1, 1, -1)
             allowed = padding if allowed is None else allowed & padding
         if self.key_documents is not None:
             assert self.query_documents is not None
-            same = self.query_documents.view(batch_size, 1, -1, 1) == self.key_documents.view(batch_size, 1, 1, -1)
+            query_documents, key_documents = self.query_documents[:, rows], self.key_documents[:, keys]
+            same = query_documents.reshape(batch_size, 1, -1, 1) == key_documents.reshape(batch_size, 1, 1, -1)
             allowed = same if allowed is None else allowed & same
         return allowed
 

@@ -208,10 +208,10 @@ def _attend(visibility: Visibility, piece: _Piece, batch_size: int) -> Tensor | 
     padding for whole and causal pieces, [B, 1, m, n] for masked ones; None when nothing is masked."""
     if piece.kind != "masked" and visibility.key_padding_mask is None:
         return None
-    block = visibility.block(piece.rows, piece.keys)
-    if piece.kind == "masked":
-        return block.visible_pairs(batch_size)
-    return None if block.key_padding_mask is None else block.key_padding_mask[:, None, None, :]
+    if piece.kind == "masked":  # (a piece's rows may join the rows of several ranks: no Visibility.block here)
+        return visibility.visible_pairs(batch_size, piece.rows, piece.keys)
+    assert visibility.key_padding_mask is not None
+    return visibility.key_padding_mask[:, None, None, piece.keys]
 
 
 def _bias(attend: Tensor | None) -> Tensor | None:
