@@ -529,27 +529,40 @@ RECIPE_LOCAL_GRANULARITY = 1024
 
 
 def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: int, precision: str) -> dict[str, Any]:
-    """The longest L whose full-depth device peak fits ``budget_bytes``, with the host memory the offload then needs
-    and the share of the peak that is attention. The peak of every recipe is affine in L (MQSP's memory is linear
-    in the local length): two probes give the line, the length where it meets the budget is checked by one more
-    estimate and walked down until it fits."""
+    """The longest L whose full-depth device peak fits ``budget_bytes`` (to 2%), with the host memory the offload
+    then needs and the share of the peak that is attention. The line through two probe peaks gives a first guess
+    (the peak grows with L, but not always at one slope: where the peak falls moves as L grows), a bracket is
+    widened around it by factors of 1.25, and bisection closes it."""
     def setup(length: int, method: str = "mqsp") -> Setup:
         return Setup(model, method, length, world_size, precision, recipe=recipe, attention_backend="triton", optimizer_foreach=False)
 
     step = RECIPE_LOCAL_GRANULARITY * world_size
+    peaks: dict[int, tuple[int, int]] = {}
+
+    def fits(length: int) -> bool:
+        if length not in peaks:
+            peaks[length] = extrapolated_memory(setup(length))
+        return peaks[length][0] <= budget_bytes
+
+    def rounded(length: float) -> int:
+        return max(step, int(length) // step * step)
+
     probes = (16 * step, 64 * step)
-    (low, _), (high, _) = (extrapolated_memory(setup(length)) for length in probes)
-    if low > budget_bytes:
-        return {"length": 0, "peak_bytes": low, "note": f"does not fit at L={probes[0]:,}"}
-    slope = (high - low) / (probes[1] - probes[0])
-    length = max(step, int(probes[0] + (budget_bytes - low) / slope) // step * step)
-    while True:
-        peak, host = extrapolated_memory(setup(length))
-        if peak <= budget_bytes or length <= step:
-            break
-        length = max(step, int(length * 0.98) // step * step)
-    without_attention, _ = extrapolated_memory(setup(length, method="none"))
-    return {"length": length, "peak_bytes": peak, "host_bytes": host, "attention_share": 1 - without_attention / peak}
+    if not fits(probes[0]):
+        return {"length": 0, "peak_bytes": peaks[probes[0]][0], "note": f"does not fit at L={probes[0]:,}"}
+    fits(probes[1])
+    slope = (peaks[probes[1]][0] - peaks[probes[0]][0]) / (probes[1] - probes[0])
+    guess = rounded(probes[0] + (budget_bytes - peaks[probes[0]][0]) / slope) if slope > 0 else probes[1]
+    good, bad = (guess, None) if fits(guess) else (probes[0], guess)
+    while bad is None:
+        candidate = rounded(good * 1.25)
+        good, bad = (candidate, None) if fits(candidate) else (good, candidate)
+    while bad - good > step and bad / good > 1.02:
+        middle = rounded((good + bad) / 2)
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    peak, host = peaks[good]
+    without_attention, _ = extrapolated_memory(setup(good, method="none"))
+    return {"length": good, "peak_bytes": peak, "host_bytes": host, "attention_share": 1 - without_attention / peak}
 
 
 def recipe_table(model: str, budget_gb: int, precision: str, log: Callable[[str], None]) -> dict[str, dict[str, dict[str, Any]]]:
