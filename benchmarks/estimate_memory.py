@@ -548,12 +548,15 @@ def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: in
         return max(step, int(length) // step * step)
 
     probes = (16 * step, 64 * step)
+    if not fits(step):
+        return {"length": 0, "peak_bytes": peaks[step][0], "note": f"does not fit at L={step:,}"}
     if not fits(probes[0]):
-        return {"length": 0, "peak_bytes": peaks[probes[0]][0], "note": f"does not fit at L={probes[0]:,}"}
-    fits(probes[1])
-    slope = (peaks[probes[1]][0] - peaks[probes[0]][0]) / (probes[1] - probes[0])
-    guess = rounded(probes[0] + (budget_bytes - peaks[probes[0]][0]) / slope) if slope > 0 else probes[1]
-    good, bad = (guess, None) if fits(guess) else (probes[0], guess)
+        good, bad = step, probes[0]
+    else:
+        fits(probes[1])
+        slope = (peaks[probes[1]][0] - peaks[probes[0]][0]) / (probes[1] - probes[0])
+        guess = rounded(probes[0] + (budget_bytes - peaks[probes[0]][0]) / slope) if slope > 0 else probes[1]
+        good, bad = (guess, None) if fits(guess) else (probes[0], guess)
     while bad is None:
         candidate = rounded(good * 1.25)
         good, bad = (candidate, None) if fits(candidate) else (good, candidate)
