@@ -1,12 +1,14 @@
 """The distributed-softmax merge: attention over disjoint key sets, combined into attention over their union.
 
 A backend returns, for each query row, a :class:`Partial`: the output normalised over the keys it
-saw, the row's largest visible score ``row_max`` and ``row_log_sum = log sum_j exp(s_j - row_max)``.
-The row's log-sum-exp is ``row_max + row_log_sum``, but it is kept as the two parts: ``row_max``
-is one of the computed scores, exactly, so the merge weights ``exp(row_max_r - max_r' row_max_r'
-+ row_log_sum_r)`` carry no rounding of a large log-sum-exp. A single float32 log-sum-exp near
-1e4 is off by up to 5e-4, which would put that error into every merged output
-(``docs/design.md``, "The merge").
+saw, a level ``row_max`` and ``row_log_sum = log sum_j exp(s_j - row_max)``. The row's
+log-sum-exp is ``row_max + row_log_sum``, but it is kept as the two parts, with ``row_log_sum``
+small: the reference and Triton backends take the row's largest visible score as ``row_max``
+(one of the computed scores, exactly), ``cpu_flash`` splits its level plus its kernel's
+log-sum-exp exactly into a float32 sum and its rounding error. Either way the merge weights
+``exp(row_max_r - max_r' row_max_r' + row_log_sum_r)`` carry no rounding of a large
+log-sum-exp. A single float32 log-sum-exp near 1e4 is off by up to 5e-4, which would put that
+error into every merged output (``docs/design.md``, "The merge").
 
 A row with no visible key has ``row_max = -inf`` and ``row_log_sum = 0``; it contributes nothing,
 and a row that sees no key anywhere merges to ``out = 0``.

@@ -257,7 +257,7 @@ def test_autocast_casts_the_inputs_like_sdpa() -> None:
     assert relative_error(out, expected) <= BF16_TOLERANCE
 
 
-def run_large_offset(backend: str) -> dict[str, float]:
+def run_large_offset(backend: str, causal: bool, padded: bool) -> dict[str, float]:
     """Scores near 1e4 that float32 represents exactly (integer inputs, scale 1/4): the merge must not
     add the rounding of a large float32 log-sum-exp to every output row."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -265,15 +265,21 @@ def run_large_offset(backend: str) -> dict[str, float]:
     q, k = (torch.randint(-3, 4, (1, 2, 64, 16), generator=g).float() for _ in range(2))
     q[..., 0] = k[..., 0] = 200.0  # a common score of 200 * 200 / 4 = 1e4
     v, dout = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(2))
+    mask = torch.rand(1, 64, generator=g) > 0.2 if padded else None
+    allowed = torch.ones(64, 64, dtype=torch.bool).tril() if causal else torch.ones(64, 64, dtype=torch.bool)
+    allowed = allowed & mask[:, None, None, :] if mask is not None else allowed
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-    expected = dense_attention(qd, kd, vd, scale=0.25)
+    expected = dense_attention(qd, kd, vd, allowed, scale=0.25)
     expected.backward(dout.double())
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    sdpa = F.scaled_dot_product_attention(qs, ks, vs, scale=0.25)
+    sdpa = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=0.25)
     sdpa.backward(dout)
-    shard = lambda t: shard_sequence(t, 2, rank, world_size, "zigzag")
+    shard = lambda t, dim=2: shard_sequence(t, dim, rank, world_size, "zigzag")
     ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
-    out = mqsp_attention(ql, kl, vl, layout="zigzag", scale=0.25, micro_q_size=8, backend=backend)
+    out = mqsp_attention(
+        ql, kl, vl, key_padding_mask=None if mask is None else shard(mask, 1), causal=causal, layout="zigzag",
+        scale=0.25, micro_q_size=8, backend=backend,
+    )
     out.backward(shard(dout))
     return {
         "out": relative_error(out, shard(expected)) / max(relative_error(shard(sdpa), shard(expected)), 1e-7),
@@ -281,9 +287,12 @@ def run_large_offset(backend: str) -> dict[str, float]:
     }
 
 
-def test_large_common_score_offset_keeps_float32_precision(workers) -> None:
+@pytest.mark.parametrize(("backend", "causal", "padded"), [
+    ("reference", False, False), ("cpu_flash", False, False), ("cpu_flash", True, True), ("reference", True, True),
+])
+def test_large_common_score_offset_keeps_float32_precision(workers, backend: str, causal: bool, padded: bool) -> None:
     """The merged rows are as precise as single-process float32 SDPA's (within 3x), not 10-1000x worse."""
-    for errors in workers(2).run(run_large_offset, "reference"):
+    for errors in workers(2).run(run_large_offset, backend, causal, padded):
         assert errors["out"] <= 3 and errors["dq"] <= 3, errors
 
 

@@ -25,10 +25,15 @@ dK and dV are added straight into the caller's accumulators. Grouped-query K/V g
 as they are (it maps query heads to key/value heads itself, and sums dK/dV over each group), so
 nothing of size N is expanded or allocated per call beyond the kernel's own outputs.
 
-Inputs are computed in float32; the kernel returns one float32 log-sum-exp per row, so each
-partial's ``row_max`` here is that log-sum-exp (and ``row_log_sum`` 0): its rounding, up to
-6e-8 x |log-sum-exp|, is the one place where this backend is less precise than the others
-(``docs/design.md``, "The merge"). Dropout and soft-capping need the counter-based mask or a
+Inputs are computed in float32. The kernel returns one float32 log-sum-exp per row, rounded by
+up to 6e-8 x its magnitude: near 1e4 that error would enter every merge. So each row's scores
+are measured from a level the kernel subtracts (a [B, H, M, 1] bias it broadcasts at no cost):
+in forward the row's mean score over the local keys, in backward the merged ``row_max``. The
+kernel's log-sum-exp is then small, and ``level + lse`` is split exactly into ``row_max`` (its
+float32 sum) and ``row_log_sum`` (the sum's rounding error), as precise as the other backends'
+(``docs/design.md``, "The merge"). With key padding the level and the padding make one
+[B, H, m, n] bias, so those pieces are cut into blocks of at most ``BIAS_BLOCK`` pairs.
+Dropout and soft-capping need the counter-based mask or a
 score transform this kernel cannot take: ``supports`` says so and ``backend="auto"`` falls back
 to the reference backend.
 """
@@ -41,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_mqsp.merge import Partial, finite_max, log_sum_exp, merge_into
+from lightning_mqsp.merge import Partial, finite_max, merge_into
 from lightning_mqsp.visibility import Visibility, Window
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -58,6 +63,9 @@ DIAGONAL = 128
 #: short steps, down to half the step's gathered rows (and 128): a call's dK and dV are then no
 #: larger than the step's queries.
 KEY_BLOCK = 512
+#: Most (row, key) pairs per batch and head in a piece whose bias must be materialised (key padding
+#: plus the row levels): the size of a masked tile.
+BIAS_BLOCK = TILE * TILE
 
 
 @dataclass(frozen=True)
@@ -214,11 +222,32 @@ def _attend(visibility: Visibility, piece: _Piece, batch_size: int) -> Tensor | 
     return visibility.key_padding_mask[:, None, None, piece.keys]
 
 
-def _bias(attend: Tensor | None) -> Tensor | None:
-    """Additive 0 / -inf bias for the kernel."""
+def _bias(attend: Tensor | None, level: Tensor) -> Tensor:
+    """Additive bias for the kernel: -level per row ([B, H, m, 1], broadcast by the kernel), and
+    -inf where ``attend`` is False (then materialised, [B, H, m, n])."""
+    bias = level.neg().unsqueeze(-1)
     if attend is None:
-        return None
-    return torch.zeros(attend.shape, dtype=torch.float32, device=attend.device).masked_fill_(~attend, float("-inf"))
+        return bias
+    return torch.where(attend, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device))
+
+
+def _row_levels(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """[B, H, M]: each row's mean score over ``k``, a level near its log-sum-exp (any float32 value
+    is exact as a level: the kernel subtracts it as given; a near one keeps the kernel's log-sum-exp
+    small)."""
+    mean_key = k.mean(dim=2).repeat_interleave(q.size(1) // k.size(1), dim=1)  # [B, H, D]
+    return (q @ mean_key.unsqueeze(-1)).squeeze(-1).mul_(scale)
+
+
+def _split_sum(level: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """(row_max, row_log_sum) with row_max + row_log_sum == level + lse exactly: the float32 sum and
+    its rounding error (Knuth's TwoSum). Rows with lse = -inf (no key) give (-inf, 0)."""
+    total = lse + level
+    level_part = total - lse
+    lse_part = total - level_part
+    error = (level - level_part) + (lse - lse_part)
+    empty = torch.isneginf(lse)
+    return total.masked_fill(empty, float("-inf")), error.masked_fill(empty, 0.0)
 
 
 def _rows_without_keys(attend: Tensor | None, piece: _Piece) -> Tensor | None:
@@ -301,6 +330,19 @@ def _key_blocks(pieces: list[_Piece], most: int) -> list[_Piece]:
     ]
 
 
+def _bias_blocks(pieces: list[_Piece], visibility: Visibility) -> list[_Piece]:
+    """With key padding, whole pieces cut into row blocks of at most BIAS_BLOCK pairs each: their
+    padding and row levels make a materialised bias (causal diagonals and masked tiles are that
+    small already, and a causal piece cannot be cut by rows)."""
+    if visibility.key_padding_mask is None:
+        return pieces
+    blocks = []
+    for p in pieces:
+        rows = max(1, BIAS_BLOCK // (p.key_stop - p.key_start)) if p.kind == "whole" else p.row_stop - p.row_start
+        blocks += [_Piece(r, min(r + rows, p.row_stop), p.key_start, p.key_stop, p.kind) for r in range(p.row_start, p.row_stop, rows)]
+    return blocks
+
+
 def _covers_all(pieces: list[_Piece], rows: int) -> bool:
     """One piece, over every row: its result is the whole result."""
     return len(pieces) == 1 and (pieces[0].row_start, pieces[0].row_stop) == (0, rows)
@@ -323,31 +365,34 @@ class CpuFlashBackend:
     def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
         batch, rows = q.size(0), q.size(2)
         q, k, v = q.float(), k.float(), v.float()
-        pieces = _pieces(visibility)
-        result = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_zeros(q.shape[:3]))
+        pieces = _bias_blocks(_pieces(visibility), visibility)
+        level = _row_levels(q, k, scale)
+        result = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3]))
         written = _Written()
         for piece in pieces:
             attend = _attend(visibility, piece, batch)
             out, lse = _flash_forward(
                 q[:, :, piece.rows], k[:, :, piece.keys], v[:, :, piece.keys], 0.0, piece.kind == "causal",
-                attn_mask=_bias(attend), scale=scale,
+                attn_mask=_bias(attend, level[:, :, piece.rows]), scale=scale,
             )
             empty = _rows_without_keys(attend, piece)
             if empty is not None:
                 out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
+            row_max, row_log_sum = _split_sum(level[:, :, piece.rows], lse)
             if _covers_all(pieces, rows):
-                return Partial(out, lse, result.row_log_sum)
+                return Partial(out, row_max, row_log_sum)
             for start, stop, seen in written.split(piece.row_start, piece.row_stop):
                 into = Partial(*(t[:, :, start:stop] for t in result))
-                part = slice(start - piece.row_start, stop - piece.row_start)
+                part = Partial(*(t[:, :, start - piece.row_start : stop - piece.row_start] for t in (out, row_max, row_log_sum)))
                 if seen:
-                    merge_into(into, Partial(out[:, :, part], lse[:, :, part], torch.zeros_like(lse[:, :, part])))
+                    merge_into(into, part)
                 else:
-                    into.out.copy_(out[:, :, part])
-                    into.row_max.copy_(lse[:, :, part])
+                    for target, source in zip(into, part):
+                        target.copy_(source)
         for start, stop in written.gaps(rows):  # rows that see no key here
             result.out[:, :, start:stop] = 0.0
             result.row_max[:, :, start:stop] = float("-inf")
+            result.row_log_sum[:, :, start:stop] = 0.0
         return result
 
     def backward(
@@ -357,16 +402,19 @@ class CpuFlashBackend:
         batch, rows = q.size(0), q.size(2)
         q, k, v, dout = q.float(), k.float(), v.float(), dout.float()
         out = _output_with_delta(dout, delta)
-        # The kernel recomputes p = exp(s - lse): a row with no key anywhere (row_max = -inf) must give p = 0.
-        lse = torch.where(torch.isneginf(row_max), torch.full_like(row_max, float("inf")), log_sum_exp(finite_max(row_max), row_log_sum))
+        # The kernel recomputes p = exp(s - level - lse) with level = row_max (the bias) and lse =
+        # row_log_sum, exactly; a row with no key anywhere (row_max = -inf) must give p = 0.
+        level = finite_max(row_max)
+        lse = torch.where(torch.isneginf(row_max), torch.full_like(row_log_sum, float("inf")), row_log_sum)
         pieces = _key_blocks(_pieces(visibility, skyline=True), min(KEY_BLOCK, max(rows // 2, 128)))
+        pieces = _bias_blocks(pieces, visibility)
         dq = q.new_empty(q.shape)
         written = _Written()
         for piece in pieces:
             r, c = piece.rows, piece.keys
             part_dq, part_dk, part_dv = _flash_backward(
                 dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], 0.0, piece.kind == "causal",
-                attn_mask=_bias(_attend(visibility, piece, batch)), scale=scale,
+                attn_mask=_bias(_attend(visibility, piece, batch), level[:, :, r]), scale=scale,
             )
             grad_key[:, :, c].add_(part_dk)  # in place (``x[c] += y`` would copy the slice back onto itself)
             grad_value[:, :, c].add_(part_dv)

@@ -59,9 +59,10 @@ class ReferenceBackend:
         q, k, v = q.to(dtype), expand_kv_heads(k.to(dtype), heads), expand_kv_heads(v.to(dtype), heads)
         dout = dout.to(dtype)
         scores, capped, _ = self._scores(q, k, visibility, scale)
-        # Globally normalised probabilities on these keys: exp((s - max) - log_sum); 0 for rows with no key anywhere.
-        shift = (finite_max(row_max) + row_log_sum).unsqueeze(-1)
-        probs = torch.exp(scores - shift).masked_fill(torch.isneginf(row_max).unsqueeze(-1), 0.0)
+        # Globally normalised probabilities on these keys: exp((s - max) - log_sum), the large max taken off
+        # first (max + log_sum would round); 0 for rows with no key anywhere.
+        probs = (scores - finite_max(row_max).unsqueeze(-1)).sub_(row_log_sum.unsqueeze(-1)).exp_()
+        probs = probs.masked_fill_(torch.isneginf(row_max).unsqueeze(-1), 0.0)
         grad_probs = dout @ v.transpose(-1, -2)
         drop = visibility.dropout_scale(batch, heads)
         dropped = probs if drop is None else probs * drop
