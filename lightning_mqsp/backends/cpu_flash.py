@@ -26,13 +26,14 @@ as they are (it maps query heads to key/value heads itself, and sums dK/dV over 
 nothing of size N is expanded or allocated per call beyond the kernel's own outputs.
 
 Inputs are computed in float32. The kernel returns one float32 log-sum-exp per row, rounded by
-up to 6e-8 x its magnitude: near 1e4 that error would enter every merge. So each row's scores
-are measured from a level the kernel subtracts (a [B, H, M, 1] bias it broadcasts at no cost):
-in forward the row's mean score over the local keys, in backward the merged ``row_max``. The
-kernel's log-sum-exp is then small, and ``level + lse`` is split exactly into ``row_max`` (its
-float32 sum) and ``row_log_sum`` (the sum's rounding error), as precise as the other backends'
-(``docs/design.md``, "The merge"). With key padding the level and the padding make one
-[B, H, m, n] bias, so those pieces are cut into blocks of at most ``BIAS_BLOCK`` pairs.
+up to 6e-8 x its magnitude: near 1e4 that error would enter every merge. So the kernel subtracts
+a level from each row's scores through its additive bias, and ``level + lse`` is split exactly
+into ``row_max`` (their float32 sum) and ``row_log_sum`` (the sum's rounding error), as precise
+as the other backends (``docs/design.md``, "The merge"). Any level is exact; one near the row's
+log-sum-exp keeps the kernel's small. In forward it is the row's mean score over the local keys,
+in backward the merged ``row_max``, taken as finely as the bias can carry it at no extra size:
+per row and head without a mask ([B, H, m, 1]); per batch and head, the rows' mean, with key
+padding ([B, H, 1, n]); per row, the heads' mean, with an explicit [B, 1, m, n] mask.
 Dropout and soft-capping need the counter-based mask or a
 score transform this kernel cannot take: ``supports`` says so and ``backend="auto"`` falls back
 to the reference backend.
@@ -63,9 +64,6 @@ DIAGONAL = 128
 #: short steps, down to half the step's gathered rows (and 128): a call's dK and dV are then no
 #: larger than the step's queries.
 KEY_BLOCK = 512
-#: Most (row, key) pairs per batch and head in a piece whose bias must be materialised (key padding
-#: plus the row levels): the size of a masked tile.
-BIAS_BLOCK = TILE * TILE
 
 
 @dataclass(frozen=True)
@@ -222,13 +220,15 @@ def _attend(visibility: Visibility, piece: _Piece, batch_size: int) -> Tensor | 
     return visibility.key_padding_mask[:, None, None, piece.keys]
 
 
-def _bias(attend: Tensor | None, level: Tensor) -> Tensor:
-    """Additive bias for the kernel: -level per row ([B, H, m, 1], broadcast by the kernel), and
-    -inf where ``attend`` is False (then materialised, [B, H, m, n])."""
-    bias = level.neg().unsqueeze(-1)
+def _bias(attend: Tensor | None, level: Tensor) -> tuple[Tensor, Tensor]:
+    """(additive bias for the kernel, the level it subtracts from each row, [B, H, m]): ``level`` [B, H, m]
+    as finely as the bias carries it without growing (see the module docstring), and -inf where ``attend``
+    is False."""
     if attend is None:
-        return bias
-    return torch.where(attend, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device))
+        return level.neg().unsqueeze(-1), level
+    used = level.mean(dim=-1, keepdim=True) if attend.size(-2) == 1 else level.mean(dim=1, keepdim=True)
+    bias = torch.where(attend, used.neg().unsqueeze(-1), torch.full((), float("-inf"), dtype=level.dtype, device=level.device))
+    return bias, used.expand_as(level)
 
 
 def _row_levels(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -330,19 +330,6 @@ def _key_blocks(pieces: list[_Piece], most: int) -> list[_Piece]:
     ]
 
 
-def _bias_blocks(pieces: list[_Piece], visibility: Visibility) -> list[_Piece]:
-    """With key padding, whole pieces cut into row blocks of at most BIAS_BLOCK pairs each: their
-    padding and row levels make a materialised bias (causal diagonals and masked tiles are that
-    small already, and a causal piece cannot be cut by rows)."""
-    if visibility.key_padding_mask is None:
-        return pieces
-    blocks = []
-    for p in pieces:
-        rows = max(1, BIAS_BLOCK // (p.key_stop - p.key_start)) if p.kind == "whole" else p.row_stop - p.row_start
-        blocks += [_Piece(r, min(r + rows, p.row_stop), p.key_start, p.key_stop, p.kind) for r in range(p.row_start, p.row_stop, rows)]
-    return blocks
-
-
 def _covers_all(pieces: list[_Piece], rows: int) -> bool:
     """One piece, over every row: its result is the whole result."""
     return len(pieces) == 1 and (pieces[0].row_start, pieces[0].row_stop) == (0, rows)
@@ -365,20 +352,21 @@ class CpuFlashBackend:
     def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
         batch, rows = q.size(0), q.size(2)
         q, k, v = q.float(), k.float(), v.float()
-        pieces = _bias_blocks(_pieces(visibility), visibility)
+        pieces = _pieces(visibility)
         level = _row_levels(q, k, scale)
         result = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3]))
         written = _Written()
         for piece in pieces:
             attend = _attend(visibility, piece, batch)
+            bias, used = _bias(attend, level[:, :, piece.rows])
             out, lse = _flash_forward(
                 q[:, :, piece.rows], k[:, :, piece.keys], v[:, :, piece.keys], 0.0, piece.kind == "causal",
-                attn_mask=_bias(attend, level[:, :, piece.rows]), scale=scale,
+                attn_mask=bias, scale=scale,
             )
             empty = _rows_without_keys(attend, piece)
             if empty is not None:
                 out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
-            row_max, row_log_sum = _split_sum(level[:, :, piece.rows], lse)
+            row_max, row_log_sum = _split_sum(used, lse)
             if _covers_all(pieces, rows):
                 return Partial(out, row_max, row_log_sum)
             for start, stop, seen in written.split(piece.row_start, piece.row_stop):
@@ -402,19 +390,21 @@ class CpuFlashBackend:
         batch, rows = q.size(0), q.size(2)
         q, k, v, dout = q.float(), k.float(), v.float(), dout.float()
         out = _output_with_delta(dout, delta)
-        # The kernel recomputes p = exp(s - level - lse) with level = row_max (the bias) and lse =
-        # row_log_sum, exactly; a row with no key anywhere (row_max = -inf) must give p = 0.
+        # The kernel recomputes p = exp(s - level - lse) with lse = (row_max - level) + row_log_sum: exactly
+        # row_log_sum where the level is the row's own row_max. A row with no key anywhere (row_max = -inf)
+        # must give p = 0.
         level = finite_max(row_max)
-        lse = torch.where(torch.isneginf(row_max), torch.full_like(row_log_sum, float("inf")), row_log_sum)
+        empty = torch.isneginf(row_max)
         pieces = _key_blocks(_pieces(visibility, skyline=True), min(KEY_BLOCK, max(rows // 2, 128)))
-        pieces = _bias_blocks(pieces, visibility)
         dq = q.new_empty(q.shape)
         written = _Written()
         for piece in pieces:
             r, c = piece.rows, piece.keys
+            bias, used = _bias(_attend(visibility, piece, batch), level[:, :, r])
+            lse = ((level[:, :, r] - used) + row_log_sum[:, :, r]).masked_fill_(empty[:, :, r], float("inf"))
             part_dq, part_dk, part_dv = _flash_backward(
-                dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], 0.0, piece.kind == "causal",
-                attn_mask=_bias(_attend(visibility, piece, batch), level[:, :, r]), scale=scale,
+                dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse, 0.0, piece.kind == "causal",
+                attn_mask=bias, scale=scale,
             )
             grad_key[:, :, c].add_(part_dk)  # in place (``x[c] += y`` would copy the slice back onto itself)
             grad_value[:, :, c].add_(part_dv)
