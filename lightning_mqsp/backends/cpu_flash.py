@@ -34,9 +34,9 @@ log-sum-exp keeps the kernel's small. In forward it is the row's mean score over
 in backward the merged ``row_max``, taken as finely as the bias can carry it at no extra size:
 per row and head without a mask ([B, H, m, 1]); per batch and head, the rows' mean, with key
 padding ([B, H, 1, n]); per row, the heads' mean, with an explicit [B, 1, m, n] mask.
-Dropout and soft-capping need the counter-based mask or a
-score transform this kernel cannot take: ``supports`` says so and ``backend="auto"`` falls back
-to the reference backend.
+
+Dropout and soft-capping need the counter-based mask or a score transform this kernel cannot
+take: ``supports`` says so and ``backend="auto"`` falls back to the reference backend.
 """
 
 from __future__ import annotations
