@@ -30,7 +30,7 @@ up to 6e-8 x its magnitude: near 1e4 that error would enter every merge. So the 
 a level from each row's scores through its additive bias, and ``level + lse`` is split exactly
 into ``row_max`` (their float32 sum) and ``row_log_sum`` (the sum's rounding error), as precise
 as the other backends (``docs/design.md``, "The merge"). Any level is exact; one near the row's
-log-sum-exp keeps the kernel's small. In forward it is the row's mean score over the local keys,
+log-sum-exp keeps the kernel's small. In forward it is the row's mean score over the unpadded local keys,
 in backward the merged ``row_max``, taken as finely as the bias can carry it at no extra size:
 per row and head without a mask ([B, H, m, 1]); per batch and head, the rows' mean, with key
 padding ([B, H, 1, n]); per row, the heads' mean, with an explicit [B, 1, m, n] mask.
@@ -231,11 +231,16 @@ def _bias(attend: Tensor | None, level: Tensor) -> tuple[Tensor, Tensor]:
     return bias, used.expand_as(level)
 
 
-def _row_levels(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """[B, H, M]: each row's mean score over ``k``, a level near its log-sum-exp (any float32 value
-    is exact as a level: the kernel subtracts it as given; a near one keeps the kernel's log-sum-exp
-    small)."""
-    mean_key = k.mean(dim=2).repeat_interleave(q.size(1) // k.size(1), dim=1)  # [B, H, D]
+def _row_levels(q: Tensor, k: Tensor, scale: float, key_padding_mask: Tensor | None) -> Tensor:
+    """[B, H, M]: each row's mean score over the unpadded keys of ``k``, a level near its log-sum-exp
+    (any float32 value is exact as a level: the kernel subtracts it as given; a near one keeps the
+    kernel's log-sum-exp small; padded keys may hold anything, so they do not count)."""
+    if key_padding_mask is None:
+        mean_key = k.mean(dim=2)
+    else:
+        weights = key_padding_mask.to(k.dtype)[:, None, None, :]  # [B, 1, 1, N]
+        mean_key = (weights @ k).squeeze(2) / weights.sum(dim=-1).clamp(min=1.0)
+    mean_key = mean_key.repeat_interleave(q.size(1) // k.size(1), dim=1)  # [B, H, D]
     return (q @ mean_key.unsqueeze(-1)).squeeze(-1).mul_(scale)
 
 
@@ -353,7 +358,7 @@ class CpuFlashBackend:
         batch, rows = q.size(0), q.size(2)
         q, k, v = q.float(), k.float(), v.float()
         pieces = _pieces(visibility)
-        level = _row_levels(q, k, scale)
+        level = _row_levels(q, k, scale, visibility.key_padding_mask)
         result = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3]))
         written = _Written()
         for piece in pieces:
