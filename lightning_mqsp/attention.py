@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -56,30 +57,74 @@ def auto_micro_q_size(local_length: int, world_size: int) -> int:
 
 def communication_bytes(
     *, batch: int, heads: int, kv_heads: int, local_length: int, head_dim: int, world_size: int,
-    dtype: torch.dtype, backward: bool = True, include_check: bool = False,
+    dtype: torch.dtype, backward: bool = True, include_check: bool = False, causal: bool = False,
+    window: tuple[int | None, int | None] | None = None, layout: Layout = "contiguous", micro_q_size: int | None = None,
+    rank: int = 0,
 ) -> dict[str, int]:
-    """Bytes one rank sends in one call (forward, plus backward if asked), per collective.
+    """Bytes rank ``rank`` sends in one call (forward, plus backward if asked), per collective.
 
-    Forward: the queries, (P-1) x l x H x D in the input dtype (= (P-1)/P x L x H x D), and the
-    partial outputs with their two row statistics, (P-1) x l x H x (D+2) in float32. Backward: the
-    queries and output gradients again (2D per row, input dtype), three float32 row statistics,
-    and the partial query gradients, (P-1) x l x H x D float32. Independent of micro_q_size and of
-    the key/value heads: keys and values never travel. ``include_check`` adds the check of a new
-    signature (the first call of its kind on a group): one row of int64s. Not counted: document ids
-    and a dropout seed, when those are used.
+    Per micro-step of c rows a rank: its queries, c x H x D in the input dtype, go to every other rank
+    whose keys see some of them (``docs/design.md``, "Sparse exchange"), and it returns the partial
+    outputs with their two row statistics, c x H x (D+2) in float32, to every other rank whose rows its
+    keys saw. Backward: the queries and output gradients (2D, input dtype) with three float32 row
+    statistics go the same way as the queries, the partial query gradients (D, float32) the same way as
+    the outputs. Without a mask every rank sees every row: (P-1)/P x L x H x (D + D+2) forward. The
+    queries of a step that every rank sees whole travel by all-gather; everything else by all-to-all
+    (``exchange``). Independent of the key/value heads: keys and values never travel. ``include_check``
+    adds the check of a new signature (the first call of its kind on a group): one row of int64s. Not
+    counted: document ids and a dropout seed, when those are used.
     """
     if world_size == 1:
         return {}
-    rows = (world_size - 1) * batch * heads * local_length
     itemsize = torch.empty((), dtype=dtype).element_size()
     accumulator = accumulation_dtype(dtype).itemsize
-    sent = {"all_gather": rows * head_dim * itemsize, "all_to_all": rows * (head_dim + 2) * accumulator}
+    visible = Window.of(causal, window)
+    gathered_row = head_dim * itemsize + (2 * head_dim * itemsize + 3 * accumulator if backward else 0)
+    returned_row = (head_dim + 2) * accumulator + (head_dim * accumulator if backward else 0)
+    sent: Counter[str] = Counter()
+    step = micro_q_size or auto_micro_q_size(local_length, world_size)
+    for start in range(0, local_length, step):
+        stop = min(start + step, local_length)
+        route = _route(world_size, rank, layout, local_length, visible, start, stop)
+        rows = batch * heads * (stop - start)
+        sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * gathered_row
+        sent["all_to_all"] += (len(route.sources) - 1) * rows * returned_row
     if include_check:
         sent["all_gather"] += (world_size - 1) * (1 + len(SIGNATURE_FIELDS)) * 8
-    if backward:
-        sent["all_gather"] += rows * (2 * head_dim * itemsize + 3 * accumulator)
-        sent["reduce_scatter"] = rows * head_dim * accumulator
-    return sent
+    return {name: n for name, n in sent.items() if n}
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Which ranks exchange one micro-step's rows (``docs/design.md``, "Sparse exchange"): this rank's keys
+    see some rows of each rank in ``sources`` (it receives their queries and returns their partials), and
+    the keys of each rank in ``destinations`` see some of this rank's rows. Both ascend and hold this rank
+    (window sides are >= 0: every row sees its own position). ``dense``: every rank of the group sees
+    rows of every rank, so the rows travel by all-gather."""
+
+    sources: tuple[int, ...]
+    destinations: tuple[int, ...]
+    dense: bool
+
+
+@functools.cache
+def _route(world_size: int, rank: int, layout: Layout, local_length: int, window: Window, start: int, stop: int) -> _Route:
+    """The route of rows [start, stop) of every rank, from the host-known runs and the window alone (padding
+    and documents may hide more; they are not known on the host, so such rows still travel). The same on
+    every rank, and computed once per signature."""
+    def first_and_last(runs: tuple[Run, ...]) -> list[tuple[int, int]]:
+        return [(position, position + (stop_ - start_) - 1) for start_, stop_, position in runs]
+
+    rows = [first_and_last(slice_runs(position_runs(local_length, r, world_size, layout), start, stop)) for r in range(world_size)]
+    keys = [first_and_last(position_runs(local_length, r, world_size, layout)) for r in range(world_size)]
+
+    def sees(key_rank: int, row_rank: int) -> bool:
+        return any(window.sees_any(*row, *key) for row in rows[row_rank] for key in keys[key_rank])
+
+    sources = tuple(s for s in range(world_size) if sees(rank, s))
+    destinations = tuple(r for r in range(world_size) if sees(r, rank))
+    dense = window.is_full or all(sees(r, s) for r in range(world_size) for s in range(world_size))
+    return _Route(sources, destinations, dense)
 
 
 @dataclass(frozen=True)
@@ -104,9 +149,12 @@ class _Plan:
     def runs(self, rank: int) -> tuple[Run, ...]:
         return position_runs(self.local_length, rank, self.world_size, self.layout)
 
-    def gathered_runs(self, start: int, stop: int) -> tuple[Run, ...]:
-        """The runs of the rows [start, stop) of every rank, gathered rank after rank."""
-        return tuple(run for r in range(self.world_size) for run in slice_runs(self.runs(r), start, stop, r * (stop - start)))
+    def route(self, start: int, stop: int) -> _Route:
+        return _route(self.world_size, self.rank, self.layout, self.local_length, self.window, start, stop)
+
+    def gathered_runs(self, start: int, stop: int, sources: tuple[int, ...]) -> tuple[Run, ...]:
+        """The runs of the rows [start, stop) of the ranks ``sources``, gathered rank after rank."""
+        return tuple(run for i, r in enumerate(sources) for run in slice_runs(self.runs(r), start, stop, i * (stop - start)))
 
 
 @dataclass(frozen=True)
@@ -119,17 +167,20 @@ class _Masks:
     documents: Tensor | None
     dropout_seed: Tensor | None
 
-    def visibility(self, plan: _Plan, start: int | None = None, stop: int | None = None) -> Visibility:
-        """Rows [start, stop) of every rank against this rank's keys; all of this rank's rows when start is None."""
+    def visibility(self, plan: _Plan, step: tuple[int, int, tuple[int, ...]] | None = None) -> Visibility:
+        """Rows [start, stop) of the ranks ``sources`` (``step``) against this rank's keys; all of this rank's
+        rows when ``step`` is None."""
         key_documents = None if self.documents is None else self.documents[plan.rank]
-        if start is None or stop is None:
+        if step is None:
             query_positions, query_runs, segments, query_documents = self.positions[plan.rank], plan.runs(plan.rank), 1, key_documents
         else:
-            query_positions = self.positions[:, start:stop].reshape(-1)
-            query_runs, segments = plan.gathered_runs(start, stop), plan.world_size
+            start, stop, sources = step
+            query_positions = _of_ranks(self.positions, sources)[:, start:stop].reshape(-1)
+            query_runs, segments = plan.gathered_runs(start, stop, sources), len(sources)
             query_documents = None
             if self.documents is not None:
-                query_documents = self.documents[:, :, start:stop].movedim(0, 1).reshape(self.documents.size(1), -1)
+                documents = _of_ranks(self.documents, sources)[:, :, start:stop]
+                query_documents = documents.movedim(0, 1).reshape(self.documents.size(1), -1)
         return Visibility(
             query_positions=query_positions, key_positions=self.positions[plan.rank], query_runs=query_runs,
             key_runs=plan.runs(plan.rank), query_segments=segments, window=plan.window,
@@ -138,16 +189,46 @@ class _Masks:
         )
 
 
-def _rows_to_ranks(x: Tensor, world_size: int) -> Tensor:
-    """[B, H, P*c, ...] (rows of rank 0, then rank 1, ...) -> [P, B, H, c, ...]."""
+def _of_ranks(x: Tensor, ranks: tuple[int, ...]) -> Tensor:
+    """The slices ``ranks`` of x [P, ...] (a view when they are consecutive, as they are for windows)."""
+    if ranks == tuple(range(ranks[0], ranks[-1] + 1)):
+        return x[ranks[0] : ranks[-1] + 1]
+    return x[list(ranks)]
+
+
+def _share_rows(rows: Tensor, route: _Route, plan: _Plan, what: str) -> Callable[[], list[Tensor]]:
+    """Send this rank's rows of a micro-step [B, H, c, X] to the ranks whose keys see them. The call returned
+    waits for the rows of ``route.sources`` and returns them, one [B, H, c, X] tensor per source. Dense steps
+    all-gather; the others exchange only between ranks that see something, and a rank's own rows stay."""
+    if route.dense:
+        pending = comm.all_gather(rows, plan.group, what)
+        return lambda: list(pending.wait())
+    to = tuple(r for r in route.destinations if r != plan.rank)
+    received_from = tuple(s for s in route.sources if s != plan.rank)
+    pending = comm.exchange(rows.unsqueeze(0).expand(len(to), *rows.shape), to, received_from, plan.group, what)
+
+    def arrive() -> list[Tensor]:
+        received = iter(pending.wait())
+        return [rows if source == plan.rank else next(received) for source in route.sources]
+
+    return arrive
+
+
+def _join_rows(rows: list[Tensor], columns: slice = slice(None)) -> Tensor:
+    """The sources' rows [B, H, c, X], columns ``columns``, as one contiguous [B, H, n*c, X'] (one copy)."""
+    return torch.cat([r[..., columns] for r in rows], dim=2)
+
+
+def _return_to_sources(parts: Tensor, route: _Route, plan: _Plan, what: str) -> comm.Pending:
+    """Slice i of ``parts`` [len(sources), ...] back to ``route.sources[i]``; arrives as [len(destinations), ...]:
+    what the ranks that see this rank's rows computed for them."""
+    return comm.exchange(parts, route.sources, route.destinations, plan.group, what)
+
+
+def _rows_to_ranks(x: Tensor, ranks: int) -> Tensor:
+    """[B, H, n*c, ...] (rows of the first rank, then the second, ...) -> [n, B, H, c, ...]."""
     b, h, rows = x.shape[:3]
-    return x.reshape(b, h, world_size, rows // world_size, *x.shape[3:]).movedim(2, 0)
-
-
-def _ranks_to_rows(x: Tensor) -> Tensor:
-    """[P, B, H, c, ...] -> [B, H, P*c, ...], the inverse of ``_rows_to_ranks``."""
-    p, b, h, c = x.shape[:4]
-    return x.movedim(0, 2).reshape(b, h, p * c, *x.shape[4:])
+    return x.reshape(b, h, ranks, rows // ranks, *x.shape[3:]).movedim(2, 0)
 
 
 def _run_micro_steps(
@@ -267,27 +348,30 @@ class _MQSPAttention(torch.autograd.Function):
         row_log_sum = torch.empty_like(row_max)
         steps = _MQSPAttention._steps(plan)
 
-        def gather(j: int) -> comm.Pending:
+        routes = [plan.route(start, stop) for start, stop in steps]
+
+        def gather(j: int) -> Callable[[], list[Tensor]]:
             start, stop = steps[j]
-            return comm.all_gather(query[:, :, start:stop], plan.group, "mqsp_attention: the query all-gather")
+            return _share_rows(query[:, :, start:stop], routes[j], plan, "mqsp_attention: the query gather")
 
         def compute(j: int, gathered_query: Tensor) -> comm.Pending:
-            start, stop = steps[j]
-            part = plan.backend.forward(gathered_query, key, value, masks.visibility(plan, start, stop), plan.scale)
-            # Pack (out | row_max | row_log_sum) rank-major in one strided copy: the all-to-all sends it as it is.
-            packed = part.out.new_empty((plan.world_size, b, h, stop - start, d + 2))
-            packed_rows = packed.movedim(0, 2)  # [B, H, P, c, D+2], a view
-            packed_rows[..., :d] = part.out.view(b, h, plan.world_size, stop - start, d)
-            packed_rows[..., d] = part.row_max.view(b, h, plan.world_size, stop - start)
-            packed_rows[..., d + 1] = part.row_log_sum.view(b, h, plan.world_size, stop - start)
-            return comm.all_to_all(packed, plan.group, "mqsp_attention: the return of partial outputs")
+            (start, stop), sources = steps[j], routes[j].sources
+            part = plan.backend.forward(gathered_query, key, value, masks.visibility(plan, (start, stop, sources)), plan.scale)
+            # Pack (out | row_max | row_log_sum) source-major in one strided copy: the all-to-all sends it as it is.
+            shape = (b, h, len(sources), stop - start)
+            packed = part.out.new_empty((len(sources), b, h, stop - start, d + 2))
+            packed_rows = packed.movedim(0, 2)  # [B, H, n, c, D+2], a view
+            packed_rows[..., :d] = part.out.view(*shape, d)
+            packed_rows[..., d] = part.row_max.view(shape)
+            packed_rows[..., d + 1] = part.row_log_sum.view(shape)
+            return _return_to_sources(packed, routes[j], plan, "mqsp_attention: the return of partial outputs")
 
         def finish(j: int, returned: Tensor) -> None:
             start, stop = steps[j]
             merged = merge.merge(returned[..., :d], returned[..., d], returned[..., d + 1])
             out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = merged
 
-        _run_micro_steps(len(steps), gather, lambda pending: _ranks_to_rows(pending.wait()), compute, finish)
+        _run_micro_steps(len(steps), gather, lambda arrive: _join_rows(arrive()), compute, finish)
         ctx.plan, ctx.masks = plan, masks
         ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
         return out
@@ -306,37 +390,39 @@ class _MQSPAttention(torch.autograd.Function):
         grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
         steps = _MQSPAttention._steps(plan)
 
-        def gather(j: int) -> comm.Pending:
+        routes = [plan.route(start, stop) for start, stop in steps]
+
+        def gather(j: int) -> Callable[[], list[Tensor]]:
             start, stop = steps[j]
             # Query rows and their output gradients travel in the input dtype, row statistics in float32,
-            # in one all-gather: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
+            # in one collective: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
             # exact; one collective a step fewer). delta's row sums as [1, D] x [D, 1] matmuls: aten's sum
             # over a last dimension of 64 is several times slower on CPU.
             step_grad_out = grad_out[:, :, start:stop]
             delta = (step_grad_out.to(dtype).unsqueeze(-2) @ out[:, :, start:stop].to(dtype).unsqueeze(-1))[..., 0, 0]
             stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
             rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
-            return comm.all_gather(rows, plan.group, "mqsp_attention: the backward all-gather of queries, output gradients, row statistics")
+            return _share_rows(rows, routes[j], plan, "mqsp_attention: the backward gather of queries, output gradients, row statistics")
 
-        def unpack(pending: comm.Pending) -> tuple[Tensor, ...]:
-            rows = pending.wait()
-            # Straight into contiguous [B, H, P*c, ...] tensors: one copy, none in the kernel.
-            stats = _ranks_to_rows(rows[..., 2 * d:]).view(dtype)
-            return _ranks_to_rows(rows[..., :d]), _ranks_to_rows(rows[..., d:2 * d]), stats[..., 0], stats[..., 1], stats[..., 2]
+        def unpack(arrive: Callable[[], list[Tensor]]) -> tuple[Tensor, ...]:
+            rows = arrive()
+            # Straight into contiguous [B, H, n*c, ...] tensors: one copy, none in the kernel.
+            stats = _join_rows(rows, slice(2 * d, None)).view(dtype)
+            return _join_rows(rows, slice(0, d)), _join_rows(rows, slice(d, 2 * d)), stats[..., 0], stats[..., 1], stats[..., 2]
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
-            start, stop = steps[j]
+            (start, stop), sources = steps[j], routes[j].sources
             step_query, step_grad_out, step_max, step_log_sum, step_delta = inputs
             part_grad_query = plan.backend.backward(
                 step_query, key, value, step_grad_out, step_max.contiguous(), step_log_sum.contiguous(), step_delta.contiguous(),
-                masks.visibility(plan, start, stop), plan.scale, grad_key, grad_value,
+                masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
             )
-            return comm.reduce_scatter(_rows_to_ranks(part_grad_query, plan.world_size), plan.group,
-                                       "mqsp_attention: the reduce-scatter of query gradients")
+            return _return_to_sources(_rows_to_ranks(part_grad_query, len(sources)), routes[j], plan,
+                                      "mqsp_attention: the return of partial query gradients")
 
         def finish(j: int, returned: Tensor) -> None:
             start, stop = steps[j]
-            grad_query[:, :, start:stop] = returned
+            grad_query[:, :, start:stop] = returned.sum(dim=0)
 
         _run_micro_steps(len(steps), gather, unpack, compute, finish)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None

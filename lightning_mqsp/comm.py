@@ -177,6 +177,28 @@ def all_to_all(x: Tensor, group: ProcessGroup | None, what: str = "all-to-all") 
     return Pending(out, work, what, group)
 
 
+def exchange(x: Tensor, send_to: tuple[int, ...], receive_from: tuple[int, ...], group: ProcessGroup | None,
+             what: str = "exchange") -> Pending:
+    """An all-to-all in which some pairs of ranks exchange nothing: slice i of ``x`` [len(send_to), ...] goes to
+    group rank ``send_to[i]``; returns [len(receive_from), ...], slice i from group rank ``receive_from[i]``.
+
+    Both ascending; every rank calls it, and rank a lists b in ``send_to`` exactly when b lists a in
+    ``receive_from`` (callers derive both from host-known facts all ranks share). A pair that exchanges
+    nothing costs nothing. With every rank in both lists this is :func:`all_to_all` (counted under that name)."""
+    size = group_size(group)
+    if size == 1:
+        return Pending(x, None)
+    rank = dist.get_rank(group)
+    x = x.contiguous()
+    out = x.new_empty((len(receive_from), *x.shape[1:]))
+    record_bytes_sent("all_to_all", sum(r != rank for r in send_to) * x[0].numel() * x.element_size() if len(x) else 0)
+    sends, receives = set(send_to), set(receive_from)
+    send_counts = [int(r in sends) for r in range(size)]
+    receive_counts = [int(r in receives) for r in range(size)]
+    work = dist.all_to_all_single(out, x, receive_counts, send_counts, group=group, async_op=True)
+    return Pending(out, work, what, group)
+
+
 def reduce_scatter(x: Tensor, group: ProcessGroup | None, what: str = "reduce-scatter") -> Pending:
     """[P, ...] -> [...]: the sum over ranks of slice ``rank``, asynchronously."""
     size = group_size(group)

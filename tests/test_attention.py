@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
 
 from lightning_mqsp import count_communication, mqsp_attention, shard_sequence
-from lightning_mqsp.attention import communication_bytes
+from lightning_mqsp.attention import _Route, _route, communication_bytes
 from lightning_mqsp.dropout import keep_mask
+from lightning_mqsp.visibility import Window
 
 FP32_TOLERANCE = 1e-5
 BF16_TOLERANCE = 2e-2
@@ -135,6 +136,8 @@ CASES = [
     Case(4, causal=True, padding="empty_shard", heads=4, kv_heads=2),
     Case(4, layout="zigzag", padding="empty_rows", dtype=torch.bfloat16),
     Case(4, causal=True, layout="zigzag", window=(13, None), documents=True, padding="random", micro_q_size=5),
+    # Rank 0's keys see the second-chunk rows of ranks 0, 2 and 3 but not 1's: a route with a gap.
+    Case(4, causal=True, layout="zigzag", window=(40, None), micro_q_size=3, backend="reference"),
 ]
 
 
@@ -198,7 +201,8 @@ def count_bytes(case: Case, backward: bool) -> tuple[dict[str, int], dict[str, i
         counts.append(dict(counter.bytes_sent))
     expected = [communication_bytes(
         batch=case.batch, heads=case.heads, kv_heads=case.kv_heads, local_length=q.size(2), head_dim=case.head_dim,
-        world_size=world_size, dtype=case.dtype, backward=backward, include_check=check,
+        world_size=world_size, dtype=case.dtype, backward=backward, include_check=check, causal=case.causal, layout=case.layout,
+        micro_q_size=case.micro_q_size, rank=rank,
     ) for check in (True, False)]
     return counts[0], counts[1], *expected
 
@@ -208,18 +212,55 @@ def count_bytes(case: Case, backward: bool) -> tuple[dict[str, int], dict[str, i
 def test_counted_bytes_match_the_analytic_formula(workers, world_size: int, backward: bool) -> None:
     # A signature no other test uses (batch 1, this micro_q_size), so that the first call here is the first ever.
     case = Case(world_size, micro_q_size=5 if backward else 6, causal=True, batch=1, heads=4, head_dim=16)
-    for first, repeated, expected_first, expected in workers(world_size).run(count_bytes, case, backward):
+    for rank, (first, repeated, expected_first, expected) in enumerate(workers(world_size).run(count_bytes, case, backward)):
         assert repeated == expected  # a repeated signature sends no check
         assert first == expected_first
-        assert first["all_gather"] == expected["all_gather"] + (world_size - 1) * 19 * 8  # one int64 row of metadata
-    # Written out from the algorithm: forward sends (P-1) local blocks of queries (fp32, D=16) and gets back
-    # the partial outputs plus two statistics (D+2 floats); backward re-gathers queries and output
-    # gradients (2D) with three statistics, and reduce-scatters the partial dQ (D).
-    rows = (world_size - 1) * 1 * 4 * (64 // world_size)
-    written_out = {"all_gather": rows * 16 * 4, "all_to_all": rows * 18 * 4}
-    if backward:
-        written_out = {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
-    assert expected == written_out
+        assert first["all_gather"] == expected.get("all_gather", 0) + (world_size - 1) * 19 * 8  # one int64 row of metadata
+        # Written out from the algorithm (causal, contiguous): rank r's rows are seen by the keys of ranks 0..r
+        # and its keys see the rows of ranks r..P-1; nothing travels between the other pairs. Forward sends
+        # its l local queries (fp32, D=16) to each rank that sees them and returns partial outputs plus two
+        # statistics (D+2 floats) to each rank it saw; backward re-sends queries and output gradients (2D)
+        # with three statistics the same way, and returns the partial dQ (D).
+        rows = 1 * 4 * (64 // world_size)
+        sent_rows, returned_rows = (16, 18) if not backward else (16 + 32 + 3, 18 + 16)
+        assert expected == {"all_to_all": rows * 4 * (rank * sent_rows + (world_size - 1 - rank) * returned_rows)}
+
+
+def test_counted_bytes_without_a_mask_are_the_dense_formula(workers) -> None:
+    """Without a mask every rank sees every row: queries all-gathered, (P-1) x l rows a rank, partial results back."""
+    case = Case(4, micro_q_size=7, causal=False, batch=1, heads=4, head_dim=16)
+    rows = 3 * 4 * 16
+    for _, repeated, _, expected in workers(4).run(count_bytes, case, True):
+        assert repeated == expected == {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * (18 + 16) * 4}
+
+
+def test_routes_follow_the_window() -> None:
+    """Who exchanges a micro-step's rows, from the layout and the window alone."""
+    causal, full = Window.of(True, None), Window.of(False, None)
+    # Zigzag, P=4, l=16 (chunks of 8): in a step of first chunks, rank r's keys see rows of ranks r..3 and
+    # rank r's rows are seen by ranks 0..r; in a step of second chunks every rank sees every row.
+    for rank in range(4):
+        assert _route(4, rank, "zigzag", 16, causal, 0, 4) == _Route(tuple(range(rank, 4)), tuple(range(rank + 1)), False)
+        assert _route(4, rank, "zigzag", 16, causal, 8, 12) == _Route((0, 1, 2, 3), (0, 1, 2, 3), True)
+        assert _route(4, rank, "contiguous", 16, full, 0, 16).dense
+    # A causal sliding window of 40 keys: rank 0's keys (positions 0-7 and 56-63) see the second-chunk rows
+    # of ranks 0 (56-63), 2 (40-47) and 3 (32-39), not rank 1's (48-55: before 56, and over 40 after 7).
+    assert _route(4, 0, "zigzag", 16, Window.of(True, (40, None)), 8, 16).sources == (0, 2, 3)
+    # A sliding window far shorter than l: the first rows of a rank go to the rank before it only, and its keys
+    # see the first rows of the rank after it; later steps stay on the rank.
+    assert _route(8, 5, "contiguous", 1024, Window.of(True, (128, None)), 0, 256) == _Route((5, 6), (4, 5), False)
+    assert _route(8, 5, "contiguous", 1024, Window.of(True, (128, None)), 256, 512) == _Route((5,), (5,), False)
+
+
+def test_a_sliding_window_sends_only_to_the_neighbours() -> None:
+    """Bytes of a causal sliding window of w << l keys: the queries and results of the first w rows of a rank
+    go to one neighbour, whatever P is (the dense formula would send every row to every rank)."""
+    common = dict(batch=1, heads=8, kv_heads=8, local_length=4096, head_dim=64, dtype=torch.bfloat16, micro_q_size=256)
+    windowed = communication_bytes(world_size=8, rank=3, causal=True, window=(255, None), **common)
+    dense = communication_bytes(world_size=8, rank=3, **common)
+    row = 8 * 256  # heads x one step of rows: only rank 3's first step is seen by rank 2's keys
+    assert windowed == {"all_to_all": row * (64 * 2 + 2 * 64 * 2 + 12) + row * (66 + 64) * 4}
+    assert sum(dense.values()) > 50 * sum(windowed.values())
 
 
 def test_float64_is_computed_in_float64() -> None:

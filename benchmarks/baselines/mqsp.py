@@ -28,10 +28,13 @@ def attention(
     return mqsp_attention(q, k, v, group=group, causal=causal, layout=layout, micro_q_size=micro_q_size, backend=backend)
 
 
-def communication_bytes(shape: Shape) -> dict[str, int]:
+def communication_bytes(shape: Shape, causal_layout: Layout = "zigzag", rank: int = 0) -> dict[str, int]:
+    """Bytes ``rank`` sends (by default rank 0, whose count the benchmark records): under a causal mask the
+    ranks send different amounts, as only the ranks that see a row receive it."""
     return mqsp_communication_bytes(
         batch=shape.batch, heads=shape.heads, kv_heads=shape.heads, local_length=shape.local_length,
-        head_dim=shape.head_dim, world_size=shape.world_size, dtype=torch.float32,
+        head_dim=shape.head_dim, world_size=shape.world_size, dtype=torch.float32, causal=shape.causal,
+        layout=causal_layout if shape.causal else "contiguous", rank=rank,
     )
 
 
@@ -44,4 +47,7 @@ def peak_memory_bytes(shape: Shape) -> int:
 
 
 METHOD = Method("mqsp", attention, communication_bytes, peak_memory_bytes, causal_layout="zigzag")
-CONTIGUOUS = Method("mqsp_contiguous", partial(attention, causal_layout="contiguous"), communication_bytes, peak_memory_bytes)
+CONTIGUOUS = Method(
+    "mqsp_contiguous", partial(attention, causal_layout="contiguous"), partial(communication_bytes, causal_layout="contiguous"),
+    peak_memory_bytes,
+)

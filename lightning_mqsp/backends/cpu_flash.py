@@ -62,8 +62,10 @@ TILE = 512
 DIAGONAL = 128
 #: Most keys per backward call: the kernel returns dK and dV for every key it is given. Fewer on
 #: short steps, down to half the step's gathered rows (and 128): a call's dK and dV are then no
-#: larger than the step's queries.
-KEY_BLOCK = 512
+#: larger than the step's queries. Each call also zero-fills and returns a dQ of all its rows, which
+#: the caller adds up: 1024 keys a call made causal backward 3-4% faster than 512 at L=16k, P=2 and 4
+#: (fewer calls over the same rows; docs/benchmarks.md).
+KEY_BLOCK = 1024
 
 
 @dataclass(frozen=True)
