@@ -68,11 +68,12 @@ def communication_bytes(
     outputs with their two row statistics, c x H x (D+2) in float32, to every other rank whose rows its
     keys saw. Backward: the queries and output gradients (2D, input dtype) with three float32 row
     statistics go the same way as the queries, the partial query gradients (D, float32) the same way as
-    the outputs. Without a mask every rank sees every row: (P-1)/P x L x H x (D + D+2) forward. The
-    queries of a step that every rank sees whole travel by all-gather; everything else by all-to-all
-    (``exchange``). Independent of the key/value heads: keys and values never travel. ``include_check``
-    adds the check of a new signature (the first call of its kind on a group): one row of int64s. Not
-    counted: document ids and a dropout seed, when those are used.
+    the outputs. Without a mask every rank sees every row: (P-1)/P x L x H x (D + D+2) forward. A step
+    whose rows every rank sees (all of them without a mask) all-gathers its queries and reduce-scatters
+    its query gradients; every other transfer is an all-to-all (``comm.exchange``). Independent of the
+    key/value heads: keys and values never travel. ``include_check`` adds the check of a new signature
+    (the first call of its kind on a group): one row of int64s. Not counted: document ids and a dropout
+    seed, when those are used. Under a causal mask or a window the ranks send different amounts.
     """
     if world_size == 1:
         return {}
@@ -80,7 +81,6 @@ def communication_bytes(
     accumulator = accumulation_dtype(dtype).itemsize
     visible = Window.of(causal, window)
     gathered_row = head_dim * itemsize + (2 * head_dim * itemsize + 3 * accumulator if backward else 0)
-    returned_row = (head_dim + 2) * accumulator + (head_dim * accumulator if backward else 0)
     sent: Counter[str] = Counter()
     step = micro_q_size or auto_micro_q_size(local_length, world_size)
     for start in range(0, local_length, step):
@@ -88,7 +88,9 @@ def communication_bytes(
         route = _route(world_size, rank, layout, local_length, visible, start, stop)
         rows = batch * heads * (stop - start)
         sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * gathered_row
-        sent["all_to_all"] += (len(route.sources) - 1) * rows * returned_row
+        sent["all_to_all"] += (len(route.sources) - 1) * rows * (head_dim + 2) * accumulator
+        if backward:
+            sent["reduce_scatter" if route.dense else "all_to_all"] += (len(route.sources) - 1) * rows * head_dim * accumulator
     if include_check:
         sent["all_gather"] += (world_size - 1) * (1 + len(SIGNATURE_FIELDS)) * 8
     return {name: n for name, n in sent.items() if n}
@@ -417,12 +419,24 @@ class _MQSPAttention(torch.autograd.Function):
                 step_query, key, value, step_grad_out, step_max.contiguous(), step_log_sum.contiguous(), step_delta.contiguous(),
                 masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
             )
-            return _return_to_sources(_rows_to_ranks(part_grad_query, len(sources)), routes[j], plan,
-                                      "mqsp_attention: the return of partial query gradients")
+            parts = _rows_to_ranks(part_grad_query, len(sources))
+            what = "mqsp_attention: the return of partial query gradients"
+            if routes[j].dense:
+                # The sum arrives (c rows), where an all-to-all would hold all P partials until summed: that
+                # raised the per-rank peak 4-6% at L=4k (P=2, 4), above Ulysses'; gloo's reduce-scatter is
+                # slower, but sparse steps, which return to fewer ranks, use the all-to-all.
+                return comm.reduce_scatter(parts, plan.group, what)
+            return _return_to_sources(parts, routes[j], plan, what)
 
         def finish(j: int, returned: Tensor) -> None:
             start, stop = steps[j]
-            grad_query[:, :, start:stop] = returned.sum(dim=0)
+            if routes[j].dense:
+                grad_query[:, :, start:stop] = returned
+                return
+            summed = grad_query[:, :, start:stop]
+            summed.copy_(returned[0])
+            for part in returned[1:]:
+                summed.add_(part)
 
         _run_micro_steps(len(steps), gather, unpack, compute, finish)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None

@@ -227,11 +227,13 @@ def test_counted_bytes_match_the_analytic_formula(workers, world_size: int, back
 
 
 def test_counted_bytes_without_a_mask_are_the_dense_formula(workers) -> None:
-    """Without a mask every rank sees every row: queries all-gathered, (P-1) x l rows a rank, partial results back."""
+    """Without a mask every rank sees every row: queries (and output gradients) all-gathered, (P-1) x l rows a rank,
+    partial outputs back by all-to-all, partial query gradients by reduce-scatter."""
     case = Case(4, micro_q_size=7, causal=False, batch=1, heads=4, head_dim=16)
     rows = 3 * 4 * 16
     for _, repeated, _, expected in workers(4).run(count_bytes, case, True):
-        assert repeated == expected == {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * (18 + 16) * 4}
+        dense = {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
+        assert repeated == expected == dense
 
 
 def test_routes_follow_the_window() -> None:
