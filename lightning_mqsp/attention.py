@@ -102,7 +102,7 @@ class _Route:
     see some rows of each rank in ``sources`` (it receives their queries and returns their partials), and
     the keys of each rank in ``destinations`` see some of this rank's rows. Both ascend and hold this rank
     (window sides are >= 0: every row sees its own position). ``dense``: every rank of the group sees
-    rows of every rank, so the rows travel by all-gather."""
+    rows of every rank, so the rows travel by all-gather and the query gradients return by reduce-scatter."""
 
     sources: tuple[int, ...]
     destinations: tuple[int, ...]
@@ -111,9 +111,10 @@ class _Route:
 
 @functools.cache
 def _route(world_size: int, rank: int, layout: Layout, local_length: int, window: Window, start: int, stop: int) -> _Route:
-    """The route of rows [start, stop) of every rank, from the host-known runs and the window alone (padding
-    and documents may hide more; they are not known on the host, so such rows still travel). The same on
-    every rank, and computed once per signature."""
+    """``rank``'s route for the rows [start, stop) of every rank, from the host-known runs and the window alone
+    (padding and documents may hide more; they are not known on the host, so such rows still travel). Every
+    rank derives the routes of all ranks alike, so their exchanges match. Cached: each step of a signature
+    is planned once per process (P^2 pair checks for a dense step)."""
     def first_and_last(runs: tuple[Run, ...]) -> list[tuple[int, int]]:
         return [(position, position + (stop_ - start_) - 1) for start_, stop_, position in runs]
 
