@@ -346,7 +346,10 @@ class _MQSPAttention(torch.autograd.Function):
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:
         b, h, _, d = query.shape
         dtype = accumulation_dtype(query.dtype)
-        out = torch.empty_like(query)
+        # Sequence-major storage ([B, S, H, D], viewed as [B, H, S, D]), as CUDA's flash SDPA returns it: the
+        # caller's usual out.transpose(1, 2).reshape(B, S, H * D) is then free, and the tensor the output
+        # projection saves for backward is this one, which backward needs anyway (one hidden state a layer less).
+        out = query.new_empty((b, query.size(2), h, d)).transpose(1, 2)
         row_max = torch.empty(query.shape[:3], dtype=dtype, device=query.device)
         row_log_sum = torch.empty_like(row_max)
         steps = _MQSPAttention._steps(plan)

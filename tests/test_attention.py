@@ -236,6 +236,21 @@ def test_counted_bytes_without_a_mask_are_the_dense_formula(workers) -> None:
         assert repeated == expected == dense
 
 
+def output_layout() -> tuple[bool, bool]:
+    q, k, v = (torch.randn(1, 4, 8, 16, requires_grad=True) for _ in range(3))
+    out = mqsp_attention(q, k, v, causal=True, micro_q_size=3)
+    out.sum().backward()
+    sequence_major = out.transpose(1, 2)
+    return sequence_major.is_contiguous(), sequence_major.reshape(1, 8, 64).data_ptr() == out.data_ptr()
+
+
+def test_the_output_is_sequence_major_so_the_usual_transpose_is_free(workers) -> None:
+    """Stored [B, S, H, D] as CUDA's flash SDPA returns it: a model's transpose(1, 2).reshape(B, S, H*D) copies nothing,
+    and the output projection saves the tensor attention saves anyway, not a second copy."""
+    for contiguous, shared in workers(2).run(output_layout):
+        assert contiguous and shared
+
+
 def test_routes_follow_the_window() -> None:
     """Who exchanges a micro-step's rows, from the layout and the window alone."""
     causal, full = Window.of(True, None), Window.of(False, None)
