@@ -90,6 +90,20 @@ class WorkerPool:
                 p.kill()
 
 
+def call_without_a_partner(call: Callable[[dist.ProcessGroup], object], timeout_s: float) -> str:
+    """On a new two-rank group with a ``timeout_s`` timeout, rank 0 runs ``call(group)`` and rank 1 never does:
+    rank 0 returns "raised: <message>" (or "no error"), rank 1 "skipped the call". The pool should then be closed
+    with ``force=True``: rank 0's connection may be left half-open."""
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.get_rank() == 1:
+        return "skipped the call"
+    try:
+        call(group)
+    except RuntimeError as error:
+        return f"raised: {error}"
+    return "no error"
+
+
 class WorkerError(AssertionError):
     def __init__(self, rank: int, trace: str, failures: dict[int, str]) -> None:
         super().__init__(f"rank {rank} failed (failed ranks: {sorted(failures)}):\n{trace}")
