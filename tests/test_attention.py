@@ -245,8 +245,9 @@ def output_layout() -> tuple[bool, bool]:
 
 
 def test_the_output_is_sequence_major_so_the_usual_transpose_is_free(workers) -> None:
-    """Stored [B, S, H, D] as CUDA's flash SDPA returns it: a model's transpose(1, 2).reshape(B, S, H*D) copies nothing,
-    and the output projection saves the tensor attention saves anyway, not a second copy."""
+    """Stored [B, S, H, D] as CUDA's flash SDPA returns it, even for contiguous [B, H, S, D] queries: a model's
+    transpose(1, 2).reshape(B, S, H*D) copies nothing, and the output projection saves the tensor attention saves
+    anyway, not a second copy."""
     for contiguous, shared in workers(2).run(output_layout):
         assert contiguous and shared
 
