@@ -72,7 +72,7 @@ from benchmarks.baselines import mqsp as mqsp_baseline
 from benchmarks.baselines.common import AttentionFn, Shape
 from lightning_mqsp import chunked_causal_lm_cross_entropy, count_communication
 from lightning_mqsp.comm import ProcessGroup
-from lightning_mqsp.tiling import tile_mlps
+from lightning_mqsp.tiling import tile_token_wise
 
 GB = 10**9
 GiB = 2**30
@@ -268,7 +268,7 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     if setup.recipe in ("checkpointed", "full"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if setup.recipe == "full":
-        tile_mlps(model, MLP_TILE)
+        tile_token_wise(model, MLP_TILE)
     if setup.recipe != "ddp":
         _shard(model, setup)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=setup.optimizer_foreach)

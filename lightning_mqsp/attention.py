@@ -391,7 +391,11 @@ class _MQSPAttention(torch.autograd.Function):
         query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
         d = query.size(-1)
         dtype = accumulation_dtype(query.dtype)
-        grad_query = torch.empty(query.shape, dtype=dtype, device=query.device)
+        # Each row's query gradient arrives once, summed over ranks in float32: it is stored in the input dtype
+        # straight away (the same single rounding as a float32 buffer cast at the end, without that buffer,
+        # two bf16 hidden states of memory at the end of a layer's backward). dK and dV add up over the
+        # steps: float32 accumulators.
+        grad_query = torch.empty_like(query)
         grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
         steps = _MQSPAttention._steps(plan)
@@ -434,16 +438,18 @@ class _MQSPAttention(torch.autograd.Function):
 
         def finish(j: int, returned: Tensor) -> None:
             start, stop = steps[j]
-            if routes[j].dense:
-                grad_query[:, :, start:stop] = returned
-                return
-            summed = grad_query[:, :, start:stop]
-            summed.copy_(returned[0])
-            for part in returned[1:]:
-                summed.add_(part)
+            rows = grad_query[:, :, start:stop]
+            if routes[j].dense:  # summed by the reduce-scatter
+                rows.copy_(returned)
+            elif rows.dtype == returned.dtype:  # float32: add the partials in place
+                rows.copy_(returned[0])
+                for part in returned[1:]:
+                    rows.add_(part)
+            else:
+                rows.copy_(returned.sum(dim=0))
 
         _run_micro_steps(len(steps), gather, unpack, compute, finish)
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+        return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
 
 
 def _follow_autocast(*tensors: Any) -> tuple[Any, ...]:

@@ -37,7 +37,7 @@ from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layout import Layout, check_layout
 from lightning_mqsp.mesh import check_sizes, sequence_parallel_mesh
 from lightning_mqsp.sharding import BatchSharder, gather_outputs
-from lightning_mqsp.tiling import tile_mlps
+from lightning_mqsp.tiling import tile_token_wise
 
 _CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -181,10 +181,9 @@ class SequenceParallelism(ParallelStrategy):
             for hf_model in hf_models:
                 hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.mlp_tile_size is not None:
-            tiled = tile_mlps(module, self.mlp_tile_size)
-            if not tiled:
+            if not any(type(m).__name__.endswith("MLP") for m in module.modules()):
                 raise ValueError("mlp_tile_size was given, but the module has no MLP (no submodule whose class name ends with 'MLP').")
-            self._undo_model_patches += tiled
+            self._undo_model_patches += tile_token_wise(module, self.mlp_tile_size)
         shift_labels = self.shift_labels
         if shift_labels is None:
             shift_labels = any(type(m).__name__.endswith(_CAUSAL_LM_SUFFIXES) for m in hf_models)

@@ -46,7 +46,7 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         offload_activations: keep what the forward saves for backward (with activation
             checkpointing: the layers' input hidden states) in host memory, pinned on a GPU
             (``torch.autograd.graph.save_on_cpu``), and bring it back in backward.
-        mlp_tile_size: run every MLP on this many tokens at a time, each tile recomputed in backward
+        mlp_tile_size: run every MLP and normalisation layer on this many tokens at a time, each tile recomputed in backward
             (:mod:`lightning_mqsp.tiling`), so that its wide intermediates never exist for the whole shard.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """

@@ -56,7 +56,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
             group waits for a missing rank (default 600).
         activation_checkpointing: recompute every Hugging Face decoder layer in backward.
         offload_activations: keep what the forward saves for backward in host memory.
-        mlp_tile_size: run every MLP on this many tokens at a time, each tile recomputed in backward.
+        mlp_tile_size: run every MLP and normalisation layer on this many tokens at a time, each tile recomputed in backward.
         mixed_precision: compute with bfloat16 parameters while the sharded master weights and the
             gradient reduction stay float32 (FSDP2 ``MixedPrecisionPolicy``).
         save_distributed_checkpoint: True: each rank saves its shard (a folder, resumable at any
