@@ -128,14 +128,14 @@ MODELS: dict[str, Callable[[int], PretrainedConfig]] = {
 }
 #: Training recipes, each adding to the one before: replicated parameters (DDP); parameters, gradients and AdamW
 #: state sharded over the P ranks (MQSPFSDPStrategy); activation checkpointing of every decoder layer; the kept
-#: hidden states offloaded to host memory, the loss computed in chunks and the MLPs in tiles (the full recipe).
+#: hidden states offloaded to host memory, the loss computed in chunks and the MLPs and norms in tiles (the full recipe).
 RECIPES = ("ddp", "sharded", "checkpointed", "full")
 RECIPE_LABELS = {
     "ddp": "MQSP, DDP (replicated parameters)", "sharded": "MQSP + FSDP2 sharding",
     "checkpointed": "MQSP + sharding + activation checkpointing",
-    "full": "MQSP full recipe (sharding, checkpointing, offload, chunked loss, tiled MLP)",
+    "full": "MQSP full recipe (sharding, checkpointing, offload, chunked loss, tiled MLP and norms)",
 }
-#: Tokens per chunk of the chunked loss, and per tile of the tiled MLPs, in the full recipe.
+#: Tokens per chunk of the chunked loss, and per tile of the tiled MLPs and norms, in the full recipe.
 LOSS_CHUNK = MLP_TILE = 4096
 _MODEL_CLASSES: dict[type[PretrainedConfig], type[PreTrainedModel]] = {
     BertConfig: BertForMaskedLM, GPT2Config: GPT2LMHeadModel, LlamaConfig: LlamaForCausalLM,

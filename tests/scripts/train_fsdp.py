@@ -3,7 +3,7 @@
     python tests/scripts/train_fsdp.py OUT_DIR [--devices 4] [--sp 2] [--epochs 2] [--resume CKPT] [--full-checkpoint]
 
 MQSPFSDPStrategy (FSDP2 over all ranks) with activation checkpointing of every decoder layer, the
-checkpointed hidden states offloaded to host memory, MLPs in tiles of 5 tokens, and the chunked causal-LM loss computed from
+checkpointed hidden states offloaded to host memory, MLPs and norms in tiles of 5 tokens, and the chunked causal-LM loss computed from
 the final hidden states and the output head, on a tiny Llama over packed documents. Rank 0 writes
 OUT_DIR/result.pt: losses per step, the first step's (full) gradients, the final (full) parameters,
 and, with --reference, the single-process run's.
