@@ -15,6 +15,13 @@ Llama-3.1-8B's shape (config built locally, no download) on a node of 8 GPUs, 12
         --trainer.strategy.init_args.sequence_parallel_size=8 --trainer.strategy.init_args.mixed_precision=true \\
         --data.seq_len=131072 --data.tokenizer=<a hub name or path, e.g. your Llama 3 tokenizer>
 
+On one 80 GB GPU, with the parameters, gradients and AdamW state in host memory too (``docs/scaling.md``):
+
+    python examples/llama_long.py fit --config examples/configs/llama_long.yaml --model.preset=llama-8b \\
+        --trainer.accelerator=gpu --trainer.devices=1 --trainer.precision=bf16-mixed \\
+        --trainer.strategy.init_args.sequence_parallel_size=1 --trainer.strategy.init_args.mixed_precision=true \\
+        --trainer.strategy.init_args.offload_parameters=true --data.seq_len=131072 --data.tokenizer=<...>
+
 ``--model.pretrained=<hub name or path>`` starts from a checkpoint instead of random weights. Over
 several nodes, start the same command with Lightning's launchers (``--trainer.num_nodes``, torchrun or
 SLURM): sequence parallelism stays inside a node, data parallelism spans the nodes. How long a

@@ -10,13 +10,15 @@ Hugging Face models are sharded automatically, one unit per decoder layer (the m
 ``_no_split_modules``), the input embeddings with the base model, the output head on its own
 (so that a loss computed from the hidden states, :func:`~lightning_mqsp.chunked_cross_entropy`,
 can call it), and the model itself. A LightningModule whose ``configure_model`` shards its model
-itself is left as it is.
+itself is left as it is. With ``offload_parameters`` the shards, their gradients and the optimizer
+state live in host memory (FSDP2 ``CPUOffloadPolicy``), as ZeRO-3's offload does for ALST on one GPU.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from typing_extensions import override
 
 from lightning_mqsp.adapters import huggingface
@@ -59,6 +61,10 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         mlp_tile_size: run every MLP and normalisation layer on this many tokens at a time, each tile recomputed in backward.
         mixed_precision: compute with bfloat16 parameters while the sharded master weights and the
             gradient reduction stay float32 (FSDP2 ``MixedPrecisionPolicy``).
+        offload_parameters: keep the sharded parameters, their gradients and the optimizer state in host
+            memory (FSDP2 ``CPUOffloadPolicy``): a layer's parameters come to the device only while it runs,
+            each gradient goes back as it is reduced, and the optimizer steps on the CPU. What lets an 8B model
+            train on one 80 GB GPU (``docs/scaling.md``); it costs host-device transfers every step.
         save_distributed_checkpoint: True: each rank saves its shard (a folder, resumable at any
             world size); False: the full state dict on rank 0, loadable into the plain model.
         **kwargs: ``process_group_backend`` and ``timeout`` of :class:`~lightning.pytorch.strategies.ModelParallelStrategy`.
@@ -81,6 +87,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         offload_activations: bool = False,
         mlp_tile_size: int | None = None,
         mixed_precision: bool = False,
+        offload_parameters: bool = False,
         save_distributed_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -90,6 +97,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
         )
         self.mixed_precision = mixed_precision
+        self.offload_parameters = offload_parameters
 
     @override
     def setup_environment(self) -> None:
@@ -106,14 +114,22 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         self._prepare_model(module)
         if not any(isinstance(m, FSDPModule) for m in module.modules()):
             self._shard(module)
+        elif self.offload_parameters:
+            raise ValueError(
+                "MQSPFSDPStrategy(offload_parameters=True) applies to the models it shards, but `configure_model()` sharded "
+                "the model already: pass `offload_policy=CPUOffloadPolicy()` to your own fully_shard calls instead."
+            )
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
+        if self.offload_parameters:  # the shards stay in host memory; fully_shard has moved the buffers already
+            _buffers_to_device(self.model, self.root_device)
+        else:
+            self.model_to_device()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and not self.offload_parameters:
             _optimizers_to_device(self.optimizers, self.root_device)
 
     def _shard(self, module: LightningModule) -> None:
@@ -128,16 +144,19 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         policy = MixedPrecisionPolicy()
         if self.mixed_precision:  # bf16 compute; float32 master weights (the shards) and gradient reduction
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # Pinned host memory makes the copies asynchronous; it needs an accelerator.
+        offload = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu") if self.offload_parameters else OffloadPolicy()
+        shard = partial(fully_shard, mesh=world, mp_policy=policy, offload_policy=offload)
         for model in models:
             layer_classes = set(getattr(model, "_no_split_modules", None) or ())
             for layer in [m for m in model.modules() if type(m).__name__ in layer_classes]:
-                fully_shard(layer, mesh=world, mp_policy=policy)
+                shard(layer)
             head = model.get_output_embeddings()
             if isinstance(head, nn.Module) and not _shares_parameters(head, model.get_input_embeddings()):
-                fully_shard(head, mesh=world, mp_policy=policy)
+                shard(head)
             if model.base_model is not model:
-                fully_shard(model.base_model, mesh=world, mp_policy=policy)
-            fully_shard(model, mesh=world, mp_policy=policy)
+                shard(model.base_model)
+            shard(model)
         sharded = {id(p) for m in module.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
         left = [name for name, p in module.named_parameters() if id(p) not in sharded]
         if left:
@@ -145,6 +164,14 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
                 f"MQSPFSDPStrategy sharded the Hugging Face models, but these parameters of the LightningModule lie outside "
                 f"them: {left[:5]}{' ...' if len(left) > 5 else ''}. Shard the whole module yourself in `configure_model()`."
             )
+
+
+def _buffers_to_device(module: nn.Module, device: torch.device) -> None:
+    """Move the buffers of ``module`` (rotary frequencies, metric states), not its parameters."""
+    for submodule in module.modules():
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None:
+                submodule._buffers[name] = buffer.to(device)
 
 
 def _shares_parameters(first: nn.Module, second: nn.Module | None) -> bool:

@@ -19,13 +19,17 @@ from lightning_mqsp import MQSPFSDPStrategy
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """SP=2 x DP=2 on 4 processes, 2 epochs of 2 steps, with the single-process reference."""
+    """SP=2 x DP=2 on 4 processes, 2 epochs of 2 steps, with the single-process reference; the parameters, gradients
+    and optimizer state in host memory (on a CPU the same memory, but FSDP2's offload path: its copies and a step on
+    the offloaded shards)."""
     out = tmp_path_factory.mktemp("fsdp")
-    return run_script("train_fsdp.py", str(out), "--devices", "4", "--sp", "2", "--reference", out=out) | {"out": out}
+    args = ("--devices", "4", "--sp", "2", "--offload-parameters", "--reference")
+    return run_script("train_fsdp.py", str(out), *args, out=out) | {"out": out}
 
 
 @pytest.mark.timeout(600)
 def test_full_recipe_matches_single_process(recipe_run: dict[str, Any]) -> None:
+    assert recipe_run["offloaded"]
     reference = recipe_run["reference"]
     torch.testing.assert_close(torch.tensor(recipe_run["losses"]), torch.tensor(reference["losses"]), rtol=RTOL, atol=0)
     strip = lambda d: {k.removeprefix("model."): v for k, v in d.items()}
@@ -35,7 +39,8 @@ def test_full_recipe_matches_single_process(recipe_run: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(600)
 def test_sharded_checkpoint_resumes_at_another_sequence_parallel_size(recipe_run: dict[str, Any], tmp_path: Path) -> None:
-    """The epoch-0 checkpoint of 4 ranks (a folder of shards) resumes on 2 ranks at SP=1 (same data parallelism)."""
+    """The epoch-0 checkpoint of 4 ranks (a folder of shards, saved from host memory) resumes on 2 ranks at SP=1 (same
+    data parallelism), without the parameter offload."""
     checkpoint = recipe_run["out"] / "checkpoints" / "epoch=0-step=2.ckpt"
     assert checkpoint.is_dir()
     resumed = run_script("train_fsdp.py", str(tmp_path), "--devices", "2", "--sp", "1", "--resume", str(checkpoint), out=tmp_path)
@@ -54,6 +59,15 @@ def test_sharded_checkpoint_loads_into_the_plain_model(recipe_run: dict[str, Any
         torch.testing.assert_close(value, recipe_run["params"][f"model.{name}"], rtol=0, atol=ATOL)
 
 
+@pytest.mark.timeout(300)
+def test_parameter_offload_refuses_a_model_sharded_by_the_user(tmp_path: Path) -> None:
+    """The strategy offloads only what it shards: a model sharded in configure_model gets a clear error, not a run whose
+    parameters stay on the device after the user asked for host memory."""
+    with pytest.raises(AssertionError, match=r"offload_policy=CPUOffloadPolicy\(\)"):
+        run_script("train_fsdp.py", str(tmp_path), "--devices", "1", "--sp", "1", "--epochs", "1", "--offload-parameters",
+                   "--shard-itself", out=tmp_path)
+
+
 def test_registered_by_import() -> None:
     assert StrategyRegistry["mqsp_fsdp"]["strategy"] is MQSPFSDPStrategy
 
@@ -64,5 +78,6 @@ def test_mixed_precision_computes_in_bf16_and_keeps_float32_weights(tmp_path: Pa
                      "--reference", out=tmp_path)
     assert run["compute_dtypes"] == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in run["params"].values())
+    assert not run["offloaded"]
     # bf16 compute: the losses within bf16 rounding of float32 training in one process on the same batches.
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(run["reference"]["losses"]), rtol=1e-2, atol=0)

@@ -1,6 +1,7 @@
 """A Trainer run of the full long-context recipe with sharded parameters, and the same training in one process.
 
     python tests/scripts/train_fsdp.py OUT_DIR [--devices 4] [--sp 2] [--epochs 2] [--resume CKPT] [--full-checkpoint]
+        [--offload-parameters] [--mixed-precision] [--shard-itself] [--reference]
 
 MQSPFSDPStrategy (FSDP2 over all ranks) with activation checkpointing of every decoder layer, the
 checkpointed hidden states offloaded to host memory, MLPs and norms in tiles of 5 tokens, and the chunked causal-LM loss computed from
@@ -20,6 +21,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
@@ -46,9 +49,14 @@ def full(tensor: Tensor) -> Tensor:
 
 
 class LongContextLM(LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, shard_itself: bool = False) -> None:
         super().__init__()
         self.model = FAMILIES["llama"].build()
+        self.shard_itself = shard_itself
+
+    def configure_model(self) -> None:
+        if self.shard_itself:
+            fully_shard(self.model, mesh=init_device_mesh("cpu", (self.trainer.world_size,)))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         hidden = self.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
@@ -71,6 +79,13 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def offloaded(module: LightningModule) -> bool:
+    """Whether every shard of every FSDP unit is kept in host memory (FSDP2's own record; it has no public getter)."""
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    params = [p for unit in units if (group := unit._get_fsdp_state()._fsdp_param_group) for p in group.fsdp_params]
+    return bool(params) and all(p.offload_to_cpu for p in params)
 
 
 def single_process(epochs: int, dp_size: int) -> dict[str, Any]:
@@ -99,10 +114,13 @@ def main() -> None:
     parser.add_argument("--full-checkpoint", action="store_true", help="save the full state dict on rank 0")
     parser.add_argument("--reference", action="store_true", help="also train in one process")
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 compute, float32 master weights and reduction")
+    parser.add_argument("--offload-parameters", action="store_true", help="parameters, gradients, optimizer state in host memory")
+    parser.add_argument("--shard-itself", action="store_true", help="the LightningModule shards its model in configure_model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     strategy = MQSPFSDPStrategy(sequence_parallel_size=args.sp, activation_checkpointing=True, offload_activations=True, mlp_tile_size=5,
-                                save_distributed_checkpoint=not args.full_checkpoint, mixed_precision=args.mixed_precision)
+                                save_distributed_checkpoint=not args.full_checkpoint, mixed_precision=args.mixed_precision,
+                                offload_parameters=args.offload_parameters)
     recorder = Recorder()
     compute_dtypes: set[torch.dtype] = set()
     trainer = Trainer(
@@ -110,13 +128,13 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[recorder, ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1, every_n_epochs=1)],
     )
-    module = LongContextLM()
+    module = LongContextLM(shard_itself=args.shard_itself)
     module.model.lm_head.register_forward_hook(lambda mod, args, out: compute_dtypes.add(out.dtype))
     trainer.fit(module, DataLoader(samples(), batch_size=BATCH_SIZE), ckpt_path=args.resume)
     params = {n: full(p) for n, p in module.named_parameters()}
     if trainer.global_rank == 0:
         result: dict[str, Any] = {"losses": recorder.losses, "first_grads": recorder.first_grads, "params": params,
-                                  "compute_dtypes": compute_dtypes}
+                                  "compute_dtypes": compute_dtypes, "offloaded": offloaded(module)}
         if args.reference:
             result["reference"] = single_process(args.epochs, trainer.world_size // args.sp)
         torch.save(result, args.out / "result.pt")
