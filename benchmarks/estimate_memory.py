@@ -35,9 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -46,11 +49,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import (
     AttentionInterface,
@@ -128,13 +132,17 @@ MODELS: dict[str, Callable[[int], PretrainedConfig]] = {
 }
 #: Training recipes, each adding to the one before: replicated parameters (DDP); parameters, gradients and AdamW
 #: state sharded over the P ranks (MQSPFSDPStrategy); activation checkpointing of every decoder layer; the kept
-#: hidden states offloaded to host memory, the loss computed in chunks and the MLPs and norms in tiles (the full recipe).
-RECIPES = ("ddp", "sharded", "checkpointed", "full")
+#: hidden states offloaded to host memory, the loss computed in chunks and the MLPs and norms in tiles (the full recipe);
+#: and the sharded parameters, their gradients and AdamW state in host memory too (``offload_parameters=True``).
+RECIPES = ("ddp", "sharded", "checkpointed", "full", "host_parameters")
 RECIPE_LABELS = {
     "ddp": "MQSP, DDP (replicated parameters)", "sharded": "MQSP + FSDP2 sharding",
     "checkpointed": "MQSP + sharding + activation checkpointing",
     "full": "MQSP full recipe (sharding, checkpointing, offload, chunked loss, tiled MLP and norms)",
+    "host_parameters": "MQSP full recipe + parameters, gradients and AdamW state in host memory (`offload_parameters`)",
 }
+#: The recipes that keep what the forward saves in host memory, and compute the loss and MLPs in pieces.
+_FULL_RECIPES = ("full", "host_parameters")
 #: Tokens per chunk of the chunked loss, and per tile of the tiled MLPs and norms, in the full recipe.
 LOSS_CHUNK = MLP_TILE = 4096
 _MODEL_CLASSES: dict[type[PretrainedConfig], type[PreTrainedModel]] = {
@@ -265,9 +273,9 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     rank = dist.get_rank(group) if setup.world_size > 1 else 0
     model = build_model(setup, group)
     model.train()
-    if setup.recipe in ("checkpointed", "full"):
+    if setup.recipe in ("checkpointed", *_FULL_RECIPES):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if setup.recipe == "full":
+    if setup.recipe in _FULL_RECIPES:
         tile_token_wise(model, MLP_TILE)
     if setup.recipe != "ddp":
         _shard(model, setup)
@@ -278,11 +286,11 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     positions = torch.arange(rank * setup.local_length, (rank + 1) * setup.local_length).expand(setup.batch, -1)
 
     host = _HostMemory()
-    tracker = MemTracker()
+    tracker = _DeviceMemTracker(model, optimizer, parameters_on_host=setup.recipe == "host_parameters")
     tracker.track_external(model, optimizer)
     with tracker:
-        with _precision_context(setup.precision), host.offload() if setup.recipe == "full" else nullcontext():
-            if setup.recipe == "full":
+        with _precision_context(setup.precision), host.offload() if setup.recipe in _FULL_RECIPES else nullcontext():
+            if setup.recipe in _FULL_RECIPES:
                 hidden = model.base_model(input_ids=input_ids, position_ids=positions).last_hidden_state
                 loss = _ChunkedLoss(model.get_output_embeddings())(hidden, input_ids)
             else:
@@ -290,10 +298,59 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    peak = tracker.device_peak_snapshot
     total = peak.pop("Total")
     return StepMemory(peak_bytes=total, by_category={str(getattr(k, "value", k)): v for k, v in peak.items() if v},
-                      host_peak_bytes=host.peak_bytes)
+                      host_peak_bytes=host.peak_bytes + tracker.host_peak_bytes)
+
+
+class _DeviceMemTracker(MemTracker):
+    """MemTracker, and with ``parameters_on_host`` the device's share of its tally: FSDP2's ``CPUOffloadPolicy`` keeps
+    the parameter shards, their gradients and the optimizer state in host memory and steps the optimizer there, which
+    a CPU run (one device) cannot show. The device's bytes are then the total less the storages of the shards and
+    their gradients (looked up after every op: a gradient shard goes to the host as soon as it is reduced) and less
+    everything the optimizer holds or makes (MemTracker's optimizer category). The unsharded parameters a layer
+    gathers while it runs, and its unsharded gradients, stay on the device. Overrides ``_update_peak_stats``, which
+    MemTracker calls after every op (torch 2.13, pinned by the Makefile)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, parameters_on_host: bool) -> None:
+        super().__init__()
+        # The shards, taken now: while a layer runs, FSDP2 registers its unsharded parameters on the module instead.
+        self._shards, self._parameters_on_host = list(model.parameters()), parameters_on_host
+        self._device_peak: dict[str, int] = {}
+        self._counted: tuple[list[Tensor | None], list[Any]] | None = None
+        self.host_peak_bytes = 0
+
+    @property
+    def device_peak_snapshot(self) -> dict[Any, int]:
+        """The categories at the device's peak, with its "Total"."""
+        if not self._parameters_on_host:
+            return self.get_tracker_snapshot("peak")[torch.device("cpu")]
+        return dict(self._device_peak)
+
+    def _host_bytes(self) -> int:
+        """Bytes of the parameter shards and their gradients (outside the optimizer category); recounted only when a
+        gradient changed (this runs after every op)."""
+        grads = [param.grad for param in self._shards]
+        if self._counted is None or any(g is not c for g, c in zip(grads, self._counted[0])):
+            tensors = [t for t in (*self._shards, *grads) if t is not None]
+            # The local tensor of a DTensor by its attribute: to_local() would dispatch ops into this very tracker.
+            storages = {id(s): s for s in (getattr(t, "_local_tensor", t).untyped_storage() for t in tensors)}
+            winfos = [self._WINFO.get(s, (None, None))[0] for s in storages.values()]
+            self._counted = (grads, [w for w in winfos if w is not None and w.reftype != _MemRefType.OPT])
+        return sum(w.mem_consumed for w in self._counted[1])
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        super()._update_peak_stats(peak_state)
+        if not self._parameters_on_host:
+            return
+        snap = self._curr_mem_snap.get(torch.device("cpu"))
+        if snap is None:
+            return
+        host = self._host_bytes() + snap[_MemRefType.OPT]
+        self.host_peak_bytes = max(self.host_peak_bytes, host)
+        if snap["Total"] - host > self._device_peak.get("Total", 0):
+            self._device_peak = {**snap, "In host memory": -host, "Total": snap["Total"] - host}
 
 
 class _ChunkedLoss(torch.nn.Module):
@@ -343,11 +400,13 @@ def _shard(model: PreTrainedModel, setup: Setup) -> None:
     policy = MixedPrecisionPolicy()
     if setup.precision == "bf16-mixed":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=False) if setup.recipe == "host_parameters" else OffloadPolicy()
+    shard = partial(fully_shard, mesh=mesh, mp_policy=policy, offload_policy=offload)
     for layer in [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model.get_output_embeddings(), mesh=mesh, mp_policy=policy)
-    fully_shard(model.base_model, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        shard(layer)
+    shard(model.get_output_embeddings())
+    shard(model.base_model)
+    shard(model)
 
 
 def comm_size(group: ProcessGroup | None) -> int:
@@ -577,16 +636,28 @@ def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: in
     return {"length": good, "peak_bytes": peak, "host_bytes": host, "attention_share": 1 - without_attention / peak}
 
 
-def recipe_table(model: str, budget_gb: int, precision: str, log: Callable[[str], None]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{recipe: {P: recipe_max_length(...)}} for P in RECIPE_WORLD_SIZES."""
-    table: dict[str, dict[str, dict[str, Any]]] = {}
-    for recipe in RECIPES:
-        table[recipe] = {}
-        for world_size in RECIPE_WORLD_SIZES:
-            started = time.time()
-            table[recipe][str(world_size)] = row = recipe_max_length(model, recipe, world_size, budget_gb * GB, precision)
-            log(f"{recipe:12s} P={world_size:2d}: {row} ({time.time() - started:.0f} s)")
-    return table
+def _timed_recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: int, precision: str) -> tuple[dict[str, Any], float]:
+    _quiet()  # in a pool's process too
+    started = time.time()
+    return recipe_max_length(model, recipe, world_size, budget_bytes, precision), time.time() - started
+
+
+def recipe_table(
+    model: str, budget_gb: int, precision: str, log: Callable[[str], None], jobs: int = 1,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{recipe: {P: recipe_max_length(...)}} for P in RECIPE_WORLD_SIZES, ``jobs`` searches at a time (each in a process
+    of its own; the longest, the full recipes at large P, first)."""
+    cells = sorted(((recipe, p) for recipe in RECIPES for p in RECIPE_WORLD_SIZES),
+                   key=lambda cell: (cell[0] not in _FULL_RECIPES, -cell[1]))
+    table: dict[str, dict[str, dict[str, Any]]] = {recipe: {} for recipe in RECIPES}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_timed_recipe_max_length, model, recipe, p, budget_gb * GB, precision): (recipe, p)
+                   for recipe, p in cells}
+        for done, future in enumerate(as_completed(futures), 1):
+            (recipe, p), (row, seconds) = futures[future], future.result()
+            table[recipe][str(p)] = row
+            log(f"[{done}/{len(cells)}] {recipe:15s} P={p:2d}: {row} ({seconds:.0f} s)")
+    return {recipe: {str(p): table[recipe][str(p)] for p in RECIPE_WORLD_SIZES} for recipe in RECIPES}
 
 
 def recipe_markdown(results: dict[str, Any]) -> str:
@@ -609,14 +680,18 @@ def recipe_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {RECIPE_LABELS[recipe]} | " + " | ".join(cell(table[recipe][str(p)]) for p in RECIPE_WORLD_SIZES) + " |")
     lines.append("| ALST, published (Ulysses + ZeRO-3 + tiled MLP and loss + offloaded checkpoints) | "
                  + " | ".join(f"{ALST_PUBLISHED[p]:,}" for p in RECIPE_WORLD_SIZES) + " |")
-    full = table["full"]
-    lines += ["", "**The full recipe at those lengths**", "", "| | " + " | ".join(f"P={p}" for p in RECIPE_WORLD_SIZES) + " |", rule,
-              "| device peak (GB) | " + " | ".join(f"{full[str(p)]['peak_bytes'] / GB:.1f}" for p in RECIPE_WORLD_SIZES) + " |",
-              "| host memory per rank for the offload (GB) | "
-              + " | ".join(f"{full[str(p)].get('host_bytes', 0) / GB:.1f}" for p in RECIPE_WORLD_SIZES) + " |",
-              "| attention's share of the device peak | "
-              + " | ".join(f"{100 * full[str(p)].get('attention_share', 0):.1f}%" for p in RECIPE_WORLD_SIZES) + " |",
-              "| length / ALST's | " + " | ".join(f"{full[str(p)]['length'] / ALST_PUBLISHED[p]:.2f}x" for p in RECIPE_WORLD_SIZES) + " |"]
+    for recipe, title in (("full", "The full recipe"), ("host_parameters", "The full recipe with parameters in host memory")):
+        rows = [table[recipe][str(p)] for p in RECIPE_WORLD_SIZES]
+
+        def fitted(text: Callable[[dict[str, Any]], str], rows: list[dict[str, Any]] = rows) -> str:
+            return " | ".join(text(row) if row["length"] else "-" for row in rows)
+
+        lines += ["", f"**{title} at those lengths**", "", "| | " + " | ".join(f"P={p}" for p in RECIPE_WORLD_SIZES) + " |", rule,
+                  "| device peak (GB) | " + fitted(lambda row: f"{row['peak_bytes'] / GB:.1f}") + " |",
+                  "| host memory per rank (GB) | " + fitted(lambda row: f"{row['host_bytes'] / GB:.1f}") + " |",
+                  "| attention's share of the device peak | " + fitted(lambda row: f"{100 * row['attention_share']:.1f}%") + " |",
+                  "| length / ALST's | " + " | ".join(f"{row['length'] / ALST_PUBLISHED[p]:.2f}x" if row["length"] else "does not fit"
+                                                     for p, row in zip(RECIPE_WORLD_SIZES, rows)) + " |"]
     return "\n".join(lines)
 
 
@@ -799,6 +874,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="P in {1, 8}, 40 GB, no model comparison")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "estimate_memory.json")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/scaling.md and the plot")
+    parser.add_argument("--jobs", type=int, default=1, help="--model llama-8b: length searches run at once, one process each")
     args = parser.parse_args()
     if args.quick:
         args.world_sizes, args.budgets_gb = [1, 8], [40]
@@ -813,7 +889,7 @@ def main() -> None:
             "mqsp_gathered_rows_per_step": ESTIMATE_GATHERED_ROWS, "loss_chunk": LOSS_CHUNK, "mlp_tile": MLP_TILE,
             "probe_layers": RECIPE_PROBE_LAYERS,
             "command": f"python benchmarks/estimate_memory.py --model {args.model}",
-        }, "recipes": recipe_table(args.model, budget, args.precision, log)}
+        }, "recipes": recipe_table(args.model, budget, args.precision, log, args.jobs)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_name(f"estimate_memory_{args.model}.json").write_text(json.dumps(recipe_results, indent=1))
         generated = recipe_markdown(recipe_results)
@@ -853,9 +929,14 @@ def main() -> None:
         plot(results)
 
 
-if __name__ == "__main__":
-    import warnings
-
-    # MemTracker's module hooks warn once per module about weak references under fake tensors.
+def _quiet() -> None:
+    """MemTracker's module hooks warn once per module about weak references under fake tensors, and transformers once
+    per model built about checkpointing: thousands of lines in a length search."""
     warnings.filterwarnings("ignore", message="Module is None")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.* is deprecated")
+    transformers.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    _quiet()
     main()

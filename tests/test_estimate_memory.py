@@ -7,11 +7,13 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ folder is not installed
 
@@ -19,6 +21,7 @@ import benchmarks.estimate_memory as estimate_memory
 from benchmarks.estimate_memory import (
     RECIPE_PROBE_LAYERS,
     Setup,
+    StepMemory,
     analytic_communication,
     counted_communication,
     estimate_training_step,
@@ -37,10 +40,14 @@ def measured_peak(setup: Setup) -> int:
     return measure_training_step(setup).peak_bytes
 
 
-def _quiet_estimate(setup: Setup) -> int:
+def _quiet_estimate_memory(setup: Setup) -> StepMemory:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Module is None")
-        return estimate_training_step(setup).peak_bytes
+        return estimate_training_step(setup)
+
+
+def _quiet_estimate(setup: Setup) -> int:
+    return _quiet_estimate_memory(setup).peak_bytes
 
 
 @pytest.mark.parametrize(
@@ -95,7 +102,7 @@ def test_counted_bytes_under_the_fake_group_match_the_formula(method: str) -> No
     assert counted == analytic_communication(setup, itemsize=2)
 
 
-@pytest.mark.parametrize("recipe", ["sharded", "checkpointed", "full"])
+@pytest.mark.parametrize("recipe", ["sharded", "checkpointed", "full", "host_parameters"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_recipe_estimates_match_real_two_rank_steps(workers, recipe: str, precision: str) -> None:
     """The training recipes of docs/scaling.md's Llama-8B table, on a tiny Llama: FSDP2 sharding over the gloo ranks,
@@ -104,6 +111,18 @@ def test_recipe_estimates_match_real_two_rank_steps(workers, recipe: str, precis
     estimate = _quiet_estimate(setup)
     for rank, measured in enumerate(workers(2).run(measured_peak, setup)):
         assert abs(estimate / measured - 1) <= TOLERANCE, f"rank {rank}: estimate {estimate:,} B, measured {measured:,} B"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_parameters_in_host_memory_leave_the_device(world_size: int) -> None:
+    """The host_parameters recipe against the full recipe, the same step: the float32 parameter shards and AdamW's two
+    moments, there all the time, leave the device's peak (the unsharded bf16 copies a running layer gathers stay), and
+    the host holds them with the gradient shards at the optimizer step."""
+    setup = Setup("tiny-llama", "mqsp", length=16384, world_size=world_size, precision="bf16-mixed", recipe="full")
+    full, on_host = (_quiet_estimate_memory(replace(setup, recipe=recipe)) for recipe in ("full", "host_parameters"))
+    shard_bytes = 4 * sum(p.numel() for p in LlamaForCausalLM(setup.config()).parameters()) // world_size
+    assert 3 * shard_bytes <= full.peak_bytes - on_host.peak_bytes <= 4 * shard_bytes
+    assert on_host.host_peak_bytes - full.host_peak_bytes >= 4 * shard_bytes
 
 
 class _CopiesOnHost:
