@@ -170,23 +170,18 @@ class _Masks:
     documents: Tensor | None
     dropout_seed: Tensor | None
 
-    def visibility(self, plan: _Plan, step: tuple[int, int, tuple[int, ...]] | None = None) -> Visibility:
-        """Rows [start, stop) of the ranks ``sources`` (``step``) against this rank's keys; all of this rank's
-        rows when ``step`` is None."""
+    def visibility(self, plan: _Plan, step: tuple[int, int, tuple[int, ...]]) -> Visibility:
+        """Rows [start, stop) of the ranks ``sources`` (``step``), gathered rank after rank, against this rank's keys."""
+        start, stop, sources = step
         key_documents = None if self.documents is None else self.documents[plan.rank]
-        if step is None:
-            query_positions, query_runs, segments, query_documents = self.positions[plan.rank], plan.runs(plan.rank), 1, key_documents
-        else:
-            start, stop, sources = step
-            query_positions = _of_ranks(self.positions, sources)[:, start:stop].reshape(-1)
-            query_runs, segments = plan.gathered_runs(start, stop, sources), len(sources)
-            query_documents = None
-            if self.documents is not None:
-                documents = _of_ranks(self.documents, sources)[:, :, start:stop]
-                query_documents = documents.movedim(0, 1).reshape(self.documents.size(1), -1)
+        query_documents = None
+        if self.documents is not None:
+            documents = _of_ranks(self.documents, sources)[:, :, start:stop]
+            query_documents = documents.movedim(0, 1).reshape(self.documents.size(1), -1)
         return Visibility(
-            query_positions=query_positions, key_positions=self.positions[plan.rank], query_runs=query_runs,
-            key_runs=plan.runs(plan.rank), query_segments=segments, window=plan.window,
+            query_positions=_of_ranks(self.positions, sources)[:, start:stop].reshape(-1), key_positions=self.positions[plan.rank],
+            query_runs=plan.gathered_runs(start, stop, sources), key_runs=plan.runs(plan.rank), query_segments=len(sources),
+            window=plan.window,
             key_padding_mask=self.key_padding_mask, query_documents=query_documents, key_documents=key_documents,
             softcap=plan.softcap, dropout_p=plan.dropout_p, dropout_seed=self.dropout_seed,
         )
@@ -297,16 +292,66 @@ def _not_twice_differentiable(backward: Callable[..., Any]) -> Callable[..., Any
     return wrapper
 
 
+#: Rows of [B, H, rows, D] whose float32 copies ``_row_dots`` makes at a time.
+_ROW_DOT_BLOCK = 4096
+#: Query rows per kernel call on one rank: Llama-8B's float32 out or dQ of a block is 0.27 GB.
+_LOCAL_BLOCK_ROWS = 16384
+#: ``_narrow_in_place`` converts in this many pieces: its one temporary is the first piece.
+_NARROWING_PIECES = 16
+
+
+def _row_dots(grad_out: Tensor, out: Tensor, dtype: torch.dtype) -> Tensor:
+    """delta = rowsum(grad_out * out) in ``dtype`` ([B, H, rows]), _ROW_DOT_BLOCK rows at a time: the float32 copies of
+    the whole sequence would be 4-6 hidden states of a bf16 model at once (P=1). As [1, D] x [D, 1] matmuls: aten's
+    sum over a last dimension of 64 is several times slower on CPU."""
+    blocks = [
+        (g.to(dtype).unsqueeze(-2) @ o.to(dtype).unsqueeze(-1))[..., 0, 0]
+        for g, o in zip(grad_out.split(_ROW_DOT_BLOCK, dim=2), out.split(_ROW_DOT_BLOCK, dim=2))
+    ]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+
+
+def _narrow_in_place(accumulator: Tensor, dtype: torch.dtype) -> Tensor:
+    """``accumulator.to(dtype)`` for a dtype at most half as wide (float32 -> bfloat16), written over the front of the
+    accumulator's own storage: the float32 accumulators and their bf16 copies never exist together (at the end of a
+    checkpointed layer's attention backward they were 4 KB a token of Llama-8B's peak; ``docs/scaling.md``). Piece i
+    >= 1 writes bytes that pieces < i have already been read from; piece 0 overlaps its own source, so it goes through
+    a temporary. The result keeps the accumulator's storage alive until autograd drops it."""
+    if accumulator.dtype == dtype:
+        return accumulator
+    if not accumulator.is_contiguous() or 2 * dtype.itemsize > accumulator.element_size():
+        return accumulator.to(dtype)
+    wide = accumulator.view(-1)
+    narrow = wide.view(dtype)[: wide.numel()]
+    piece = max(1, -(-wide.numel() // _NARROWING_PIECES))
+    narrow[:piece].copy_(wide[:piece].to(dtype))
+    for start in range(piece, wide.numel(), piece):
+        narrow[start : start + piece].copy_(wide[start : start + piece])
+    return narrow.view(accumulator.shape)
+
+
 class _LocalAttention(torch.autograd.Function):
-    """One rank (or no process group): the local kernel over the whole sequence, once."""
+    """One rank (or no process group): the local kernel over the whole sequence, _LOCAL_BLOCK_ROWS query rows a call,
+    so that the kernel's float32 outputs (out in forward, dQ in backward: two hidden states of a bf16 model a token)
+    exist for one block at a time; keys and values are whole in every call."""
+
+    @staticmethod
+    def _blocks(plan: _Plan) -> list[tuple[int, int, tuple[int, ...]]]:
+        length = plan.local_length
+        return [(start, min(start + _LOCAL_BLOCK_ROWS, length), (0,)) for start in range(0, length, _LOCAL_BLOCK_ROWS)]
 
     @staticmethod
     @_without_autocast
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, masks: _Masks, plan: _Plan) -> Tensor:
-        visibility = masks.visibility(plan)
-        out, row_max, row_log_sum = plan.backend.forward(query, key, value, visibility, plan.scale)
-        out = out.to(query.dtype)
-        ctx.plan, ctx.visibility = plan, visibility
+        b, h, s, d = query.shape
+        # Sequence-major, as _MQSPAttention's: the caller's transpose to [B, S, H*D] is then free.
+        out = query.new_empty((b, s, h, d)).transpose(1, 2)
+        row_max = torch.empty(query.shape[:3], dtype=accumulation_dtype(query.dtype), device=query.device)
+        row_log_sum = torch.empty_like(row_max)
+        for start, stop, sources in _LocalAttention._blocks(plan):
+            part = plan.backend.forward(query[:, :, start:stop], key, value, masks.visibility(plan, (start, stop, sources)), plan.scale)
+            out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = part
+        ctx.plan, ctx.masks = plan, masks
         ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
         return out
 
@@ -317,13 +362,17 @@ class _LocalAttention(torch.autograd.Function):
         plan: _Plan = ctx.plan
         query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
         dtype = accumulation_dtype(query.dtype)
-        delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1)
+        grad_query = torch.empty_like(query)
         grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
-        grad_query = plan.backend.backward(
-            query, key, value, grad_out, row_max, row_log_sum, delta, ctx.visibility, plan.scale, grad_key, grad_value,
-        )
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+        for start, stop, sources in _LocalAttention._blocks(plan):
+            rows = slice(start, stop)
+            grad_query[:, :, rows] = plan.backend.backward(
+                query[:, :, rows], key, value, grad_out[:, :, rows], row_max[:, :, rows].contiguous(),
+                row_log_sum[:, :, rows].contiguous(), _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype),
+                ctx.masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
+            )
+        return grad_query, _narrow_in_place(grad_key, key.dtype), _narrow_in_place(grad_value, value.dtype), None, None
 
 
 class _MQSPAttention(torch.autograd.Function):
@@ -406,10 +455,9 @@ class _MQSPAttention(torch.autograd.Function):
             start, stop = steps[j]
             # Query rows and their output gradients travel in the input dtype, row statistics in float32,
             # in one collective: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
-            # exact; one collective a step fewer). delta's row sums as [1, D] x [D, 1] matmuls: aten's sum
-            # over a last dimension of 64 is several times slower on CPU.
+            # exact; one collective a step fewer).
             step_grad_out = grad_out[:, :, start:stop]
-            delta = (step_grad_out.to(dtype).unsqueeze(-2) @ out[:, :, start:stop].to(dtype).unsqueeze(-1))[..., 0, 0]
+            delta = _row_dots(step_grad_out, out[:, :, start:stop], dtype)
             stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
             rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
             return _share_rows(rows, routes[j], plan, "mqsp_attention: the backward gather of queries, output gradients, row statistics")
@@ -449,7 +497,7 @@ class _MQSPAttention(torch.autograd.Function):
                 rows.copy_(returned.sum(dim=0))
 
         _run_micro_steps(len(steps), gather, unpack, compute, finish)
-        return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+        return grad_query, _narrow_in_place(grad_key, key.dtype), _narrow_in_place(grad_value, value.dtype), None, None
 
 
 def _follow_autocast(*tensors: Any) -> tuple[Any, ...]:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
 
-from lightning_mqsp import count_communication, mqsp_attention, shard_sequence
+from lightning_mqsp import attention, count_communication, mqsp_attention, shard_sequence
 from lightning_mqsp.attention import _Route, _route, communication_bytes
 from lightning_mqsp.dropout import keep_mask
 from lightning_mqsp.visibility import Window
@@ -248,8 +248,22 @@ def test_the_output_is_sequence_major_so_the_usual_transpose_is_free(workers) ->
     """Stored [B, S, H, D] as CUDA's flash SDPA returns it, even for contiguous [B, H, S, D] queries: a model's
     transpose(1, 2).reshape(B, S, H*D) copies nothing, and the output projection saves the tensor attention saves
     anyway, not a second copy."""
-    for contiguous, shared in workers(2).run(output_layout):
+    for contiguous, shared in [output_layout(), *workers(2).run(output_layout)]:  # one rank, and two
         assert contiguous and shared
+
+
+@pytest.mark.parametrize("case", [
+    Case(1, causal=True, window=(6, None), documents=True, padding="random"),
+    Case(1, window=(4, 9), heads=4, kv_heads=2, dtype=torch.bfloat16),
+    Case(1, causal=True, layout="zigzag", softcap=2.0, backend="reference"),
+], ids=str)
+def test_one_rank_runs_the_kernel_in_blocks_of_rows(monkeypatch: pytest.MonkeyPatch, case: Case) -> None:
+    """P = 1 calls the kernel on blocks of query rows (forward's float32 out and backward's float32 dQ exist for one block
+    at a time): 5 rows a block here, against single-process attention, gradients included."""
+    monkeypatch.setattr(attention, "_LOCAL_BLOCK_ROWS", 5)
+    errors = run_case(case)
+    tolerance = BF16_TOLERANCE if case.dtype == torch.bfloat16 else FP32_TOLERANCE
+    assert max(errors.values()) <= tolerance, errors
 
 
 def test_routes_follow_the_window() -> None:
