@@ -5,7 +5,7 @@ Per rank (``docs/design.md``, "The algorithm"): queries are all-gathered one mic
 column block of the attention map that belongs to its keys, and a distributed softmax merges
 the P partial results of every row at the row's owner (:mod:`lightning_mqsp.merge`). Backward
 recomputes each micro-step from the saved inputs; nothing of size (P x micro_q_size) x S_local
-outlives a step. On one rank the local kernel runs once, without the micro-step machinery.
+outlives a step. On one rank the local kernel runs on blocks of query rows, without collectives.
 
 Communication overlaps compute: the next micro-step's gather is issued before the current
 step computes, and each step's outputs travel back while the next step computes.
@@ -628,7 +628,7 @@ def _plan(
 
 
 def _attend_locally(query: Tensor, key: Tensor, value: Tensor, arguments: _Arguments) -> Tensor:
-    """One rank, or no process group: the local kernel once (traceable: torch.compile(fullgraph=True) works)."""
+    """One rank, or no process group: the local kernel, no collectives (traceable: torch.compile(fullgraph=True) works)."""
     plan, masks, _, error = _plan(query, key, value, arguments, None, 1, 0)
     if error is not None:
         raise ValueError(f"mqsp_attention: {error}")
