@@ -32,7 +32,7 @@ class Partial(NamedTuple):
 
 def finite_max(row_max: Tensor) -> Tensor:
     """``row_max`` with -inf (no visible key) replaced by 0: a shift that keeps exp() free of inf - inf."""
-    return torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    return torch.where(torch.isneginf(row_max), 0.0, row_max)
 
 
 def log_sum_exp(row_max: Tensor, row_log_sum: Tensor) -> Tensor:
@@ -48,9 +48,8 @@ def _weights(row_max: Tensor, row_log_sum: Tensor, merged_max: Tensor) -> Tensor
 
 def _log_total(total: Tensor) -> tuple[Tensor, Tensor]:
     """(a total safe to divide by, its log); rows whose total is 0 saw no key: 1 and 0."""
-    seen = total > 0
-    safe = torch.where(seen, total, torch.ones_like(total))
-    return safe, torch.where(seen, torch.log(safe), torch.zeros_like(total))
+    safe = torch.where(total > 0, total, 1.0)
+    return safe, safe.log()
 
 
 def merge(out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> Partial:
