@@ -41,12 +41,14 @@ take: ``supports`` says so and ``backend="auto"`` falls back to the reference ba
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from lightning_mqsp.layout import Run
 from lightning_mqsp.merge import Partial, finite_max, merge_into
 from lightning_mqsp.visibility import Visibility, Window
 
@@ -88,7 +90,15 @@ class _Piece:
 
 
 def _pieces(visibility: Visibility, skyline: bool = False) -> list[_Piece]:
-    """The kernel calls for ``visibility``: whole pieces (joined over key runs and adjacent query runs)
+    """The kernel calls for ``visibility`` (see ``_planned_pieces``)."""
+    return list(_planned_pieces(visibility.query_runs, visibility.key_runs, visibility.window, visibility.has_documents, skyline))
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned_pieces(
+    query_runs: tuple[Run, ...], key_runs: tuple[Run, ...], window: Window, documents: bool, skyline: bool,
+) -> tuple[_Piece, ...]:
+    """The kernel calls for rows ``query_runs`` against keys ``key_runs``: whole pieces (joined over key runs and adjacent query runs)
     first, then the causal diagonals and tiles of the key runs a query run sees in part.
 
     ``skyline`` (for the backward): adjacent query runs that each see a prefix [0, w) of the keys
@@ -96,14 +106,16 @@ def _pieces(visibility: Visibility, skyline: bool = False) -> list[_Piece]:
     then those that see further against the next stretch, and so on, so that each key is in one
     call per step: every call adds dK and dV of all its keys into the accumulators, which costs
     more than the query gradients of the rows (for l > P x micro_q_size), and as much again for
-    each further call over the same keys."""
-    window, documents = visibility.window, visibility.has_documents
+    each further call over the same keys.
+
+    Host-side planning from host-known runs only, so cached: every micro-step of a signature repeats
+    its plan in every call (about 0.1 ms of Python a step, per direction)."""
     groups: list[tuple[int, int, list[tuple[int, int]]]] = []  # (row_start, row_stop, whole key ranges)
     partial = []
-    for row_start, row_stop, row_pos in visibility.query_runs:
+    for row_start, row_stop, row_pos in query_runs:
         last_row_pos = row_pos + (row_stop - row_start) - 1
         whole: list[tuple[int, int]] = []
-        for key_start, key_stop, key_pos in visibility.key_runs:
+        for key_start, key_stop, key_pos in key_runs:
             last_key_pos = key_pos + (key_stop - key_start) - 1
             if not window.sees_any(row_pos, last_row_pos, key_pos, last_key_pos):
                 continue
@@ -122,9 +134,8 @@ def _pieces(visibility: Visibility, skyline: bool = False) -> list[_Piece]:
         else:
             groups.append((row_start, row_stop, whole))
     if skyline:
-        return _skyline(groups) + partial
-    wholes = [_Piece(r0, r1, k0, k1, "whole") for r0, r1, ranges in groups for k0, k1 in ranges]
-    return wholes + partial
+        return (*_skyline(groups), *partial)
+    return (*(_Piece(r0, r1, k0, k1, "whole") for r0, r1, ranges in groups for k0, k1 in ranges), *partial)
 
 
 def _skyline(groups: list[tuple[int, int, list[tuple[int, int]]]]) -> list[_Piece]:
