@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import subprocess
 import sys
 import time
 import warnings
@@ -644,20 +645,33 @@ def _timed_recipe_max_length(model: str, recipe: str, world_size: int, budget_by
 
 def recipe_table(
     model: str, budget_gb: int, precision: str, log: Callable[[str], None], jobs: int = 1,
+    recipes: tuple[str, ...] = RECIPES, world_sizes: tuple[int, ...] = RECIPE_WORLD_SIZES,
+    earlier: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """{recipe: {P: recipe_max_length(...)}} for P in RECIPE_WORLD_SIZES, ``jobs`` searches at a time (each in a process
-    of its own; the longest, the full recipes at large P, first)."""
-    cells = sorted(((recipe, p) for recipe in RECIPES for p in RECIPE_WORLD_SIZES),
+    """{recipe: {P: recipe_max_length(...)}} for the given recipes and P, ``jobs`` searches at a time (each in a process
+    of its own; the longest, the full recipes at large P, first). Each cell records the commit that computed it; the
+    cells not searched are taken from ``earlier`` (an earlier run's table) or left out (a P=32 search of a full
+    recipe takes over an hour on two cores)."""
+    cells = sorted(((recipe, p) for recipe in recipes for p in world_sizes),
                    key=lambda cell: (cell[0] not in _FULL_RECIPES, -cell[1]))
-    table: dict[str, dict[str, dict[str, Any]]] = {recipe: {} for recipe in RECIPES}
+    table: dict[str, dict[str, dict[str, Any]]] = {r: dict((earlier or {}).get(r, {})) for r in RECIPES}
+    commit = _commit()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_timed_recipe_max_length, model, recipe, p, budget_gb * GB, precision): (recipe, p)
                    for recipe, p in cells}
         for done, future in enumerate(as_completed(futures), 1):
             (recipe, p), (row, seconds) = futures[future], future.result()
-            table[recipe][str(p)] = row
+            table[recipe][str(p)] = row | {"commit": commit}
             log(f"[{done}/{len(cells)}] {recipe:15s} P={p:2d}: {row} ({seconds:.0f} s)")
-    return {recipe: {str(p): table[recipe][str(p)] for p in RECIPE_WORLD_SIZES} for recipe in RECIPES}
+    return table
+
+
+def _commit() -> str:
+    """This tree's short commit, with "+" when it has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def recipe_markdown(results: dict[str, Any]) -> str:
@@ -666,7 +680,9 @@ def recipe_markdown(results: dict[str, Any]) -> str:
     header = "| recipe | " + " | ".join(f"P={p}" for p in RECIPE_WORLD_SIZES) + " |"
     rule = "|---|" + "---:|" * len(RECIPE_WORLD_SIZES)
 
-    def cell(row: dict[str, Any]) -> str:
+    def cell(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "not estimated"
         return "does not fit" if not row["length"] else f"{row['length']:,}"
 
     lines = [
@@ -677,11 +693,11 @@ def recipe_markdown(results: dict[str, Any]) -> str:
         f"**Llama-3.1-8B: longest trainable L at {settings['budget_gb']} GB per device**", "", header, rule,
     ]
     for recipe in RECIPES:
-        lines.append(f"| {RECIPE_LABELS[recipe]} | " + " | ".join(cell(table[recipe][str(p)]) for p in RECIPE_WORLD_SIZES) + " |")
+        lines.append(f"| {RECIPE_LABELS[recipe]} | " + " | ".join(cell(table[recipe].get(str(p))) for p in RECIPE_WORLD_SIZES) + " |")
     lines.append("| ALST, published (Ulysses + ZeRO-3 + tiled MLP and loss + offloaded checkpoints) | "
                  + " | ".join(f"{ALST_PUBLISHED[p]:,}" for p in RECIPE_WORLD_SIZES) + " |")
     for recipe, title in (("full", "The full recipe"), ("host_parameters", "The full recipe with parameters in host memory")):
-        rows = [table[recipe][str(p)] for p in RECIPE_WORLD_SIZES]
+        rows = [table[recipe].get(str(p)) or {"length": 0} for p in RECIPE_WORLD_SIZES]
 
         def fitted(text: Callable[[dict[str, Any]], str], rows: list[dict[str, Any]] = rows) -> str:
             return " | ".join(text(row) if row["length"] else "-" for row in rows)
@@ -690,8 +706,14 @@ def recipe_markdown(results: dict[str, Any]) -> str:
                   "| device peak (GB) | " + fitted(lambda row: f"{row['peak_bytes'] / GB:.1f}") + " |",
                   "| host memory per rank (GB) | " + fitted(lambda row: f"{row['host_bytes'] / GB:.1f}") + " |",
                   "| attention's share of the device peak | " + fitted(lambda row: f"{100 * row['attention_share']:.1f}%") + " |",
-                  "| length / ALST's | " + " | ".join(f"{row['length'] / ALST_PUBLISHED[p]:.2f}x" if row["length"] else "does not fit"
+                  "| length / ALST's | " + " | ".join(f"{row['length'] / ALST_PUBLISHED[p]:.2f}x" if row["length"] else "-"
                                                      for p, row in zip(RECIPE_WORLD_SIZES, rows)) + " |"]
+    commits = sorted({row.get("commit", "unrecorded") for by_p in table.values() for row in by_p.values()})
+    if len(commits) > 1:
+        lines += ["", "Cells by the commit that computed them (the run updates only the cells it searches): " + "; ".join(
+            f"{c}: " + ", ".join(f"{r} P={p}" for r in RECIPES for p in RECIPE_WORLD_SIZES
+                               if table[r].get(str(p), {}).get("commit", "unrecorded" if str(p) in table[r] else None) == c)
+            for c in commits) + "."]
     return "\n".join(lines)
 
 
@@ -875,6 +897,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "estimate_memory.json")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/scaling.md and the plot")
     parser.add_argument("--jobs", type=int, default=1, help="--model llama-8b: length searches run at once, one process each")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES,
+                        help="--model llama-8b: the recipes to search; the other cells come from the last run's JSON")
+    parser.add_argument("--recipe-world-sizes", type=int, nargs="+", default=list(RECIPE_WORLD_SIZES),
+                        choices=RECIPE_WORLD_SIZES, help="--model llama-8b: the P to search (the same)")
     args = parser.parse_args()
     if args.quick:
         args.world_sizes, args.budgets_gb = [1, 8], [40]
@@ -889,9 +915,14 @@ def main() -> None:
             "mqsp_gathered_rows_per_step": ESTIMATE_GATHERED_ROWS, "loss_chunk": LOSS_CHUNK, "mlp_tile": MLP_TILE,
             "probe_layers": RECIPE_PROBE_LAYERS,
             "command": f"python benchmarks/estimate_memory.py --model {args.model}",
-        }, "recipes": recipe_table(args.model, budget, args.precision, log, args.jobs)}
+        }}
+        path = args.out.with_name(f"estimate_memory_{args.model}.json")
+        partial = tuple(args.recipes) != RECIPES or tuple(args.recipe_world_sizes) != RECIPE_WORLD_SIZES
+        earlier = json.loads(path.read_text())["recipes"] if partial and path.exists() else None
+        recipe_results["recipes"] = recipe_table(args.model, budget, args.precision, log, args.jobs, tuple(args.recipes),
+                                                 tuple(args.recipe_world_sizes), earlier)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_name(f"estimate_memory_{args.model}.json").write_text(json.dumps(recipe_results, indent=1))
+        path.write_text(json.dumps(recipe_results, indent=1))
         generated = recipe_markdown(recipe_results)
         print(generated)
         if not args.no_doc and args.model == "llama-8b":
