@@ -182,3 +182,15 @@ def test_the_gpu_kernels_footprint_is_estimated_from_their_fake_implementations(
     cpu, gpu = (_quiet_estimate(Setup("tiny-llama", "mqsp", 2048, 2, recipe="full", attention_backend=backend))
                 for backend in ("cpu_flash", "triton"))
     assert 0 < gpu <= cpu
+
+
+def test_the_recipe_table_says_which_cells_were_not_estimated_and_which_commit_made_each() -> None:
+    """A run that searches some cells keeps the others from the last run: the table must not pass them off as one run's."""
+    row = {"length": 1024 * 8, "peak_bytes": 79 * 10**9, "host_bytes": 10**9, "attention_share": 0.1}
+    table = {recipe: {"8": row | {"commit": "aaaaaaa"}} for recipe in estimate_memory.RECIPES}
+    table["full"]["1"] = {"length": 0, "peak_bytes": 10**11, "commit": "bbbbbbb"}
+    results = {"settings": {"model": "llama-8b", "precision": "bf16-mixed", "budget_gb": 80, "command": "python x"}, "recipes": table}
+    text = estimate_memory.recipe_markdown(results)
+    full_row = next(line for line in text.splitlines() if line.startswith("| MQSP full recipe ("))
+    assert full_row.endswith("| does not fit | 8,192 | not estimated |")
+    assert "aaaaaaa: ddp P=8," in text and "bbbbbbb: full P=1." in text
