@@ -287,7 +287,7 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     positions = torch.arange(rank * setup.local_length, (rank + 1) * setup.local_length).expand(setup.batch, -1)
 
     host = _HostMemory()
-    tracker = _DeviceMemTracker(model, optimizer, parameters_on_host=setup.recipe == "host_parameters")
+    tracker = _DeviceMemTracker(model, parameters_on_host=setup.recipe == "host_parameters")
     tracker.track_external(model, optimizer)
     with tracker:
         with _precision_context(setup.precision), host.offload() if setup.recipe in _FULL_RECIPES else nullcontext():
@@ -314,7 +314,7 @@ class _DeviceMemTracker(MemTracker):
     gathers while it runs, and its unsharded gradients, stay on the device. Overrides ``_update_peak_stats``, which
     MemTracker calls after every op (torch 2.13, pinned by the Makefile)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, parameters_on_host: bool) -> None:
+    def __init__(self, model: torch.nn.Module, parameters_on_host: bool) -> None:
         super().__init__()
         # The shards, taken now: while a layer runs, FSDP2 registers its unsharded parameters on the module instead.
         self._shards, self._parameters_on_host = list(model.parameters()), parameters_on_host

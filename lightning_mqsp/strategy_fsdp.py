@@ -121,7 +121,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
             )
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
-        if self.offload_parameters:  # the shards stay in host memory; fully_shard has moved the buffers already
+        if self.offload_parameters:  # the shards stay in host memory; only the buffers go to the device
             _buffers_to_device(self.model, self.root_device)
         else:
             self.model_to_device()

@@ -471,3 +471,10 @@ def test_compiled_across_ranks_the_graph_breaks_only_around_the_collectives(work
         assert (graphs, breaks) == (2, 1), reasons
         assert reasons == ["Skip calling `torch.compiler.disable()`d function"], reasons
         assert compiled_graphs[0] == compiled_graphs[-1] == 2, compiled_graphs
+
+
+def test_narrowing_in_place_gives_the_same_bits_as_a_cast() -> None:
+    for n in (1, 7, 16, 17, 1000, 4097):
+        wide = torch.randn(2, 3, n)
+        narrow = attention._narrow_in_place(wide.clone(), torch.bfloat16)
+        assert narrow.dtype == torch.bfloat16 and torch.equal(narrow, wide.to(torch.bfloat16))
