@@ -312,7 +312,9 @@ class _DeviceMemTracker(MemTracker):
     their gradients (looked up after every op: a gradient shard goes to the host as soon as it is reduced) and less
     everything the optimizer holds or makes (MemTracker's optimizer category). The unsharded parameters a layer
     gathers while it runs, and its unsharded gradients, stay on the device. Overrides ``_update_peak_stats``, which
-    MemTracker calls after every op (torch 2.13, pinned by the Makefile)."""
+    MemTracker calls after every op (torch 2.13, pinned by the Makefile), and keeps only the global peak: MemTracker's
+    per-module peaks, which nothing here reads, cost a walk over every tracked module after every op (a third of a
+    P=32 fake run's time)."""
 
     def __init__(self, model: torch.nn.Module, parameters_on_host: bool) -> None:
         super().__init__()
@@ -342,11 +344,13 @@ class _DeviceMemTracker(MemTracker):
         return sum(w.mem_consumed for w in self._counted[1])
 
     def _update_peak_stats(self, peak_state: Any) -> None:
-        super()._update_peak_stats(peak_state)
-        if not self._parameters_on_host:
-            return
-        snap = self._curr_mem_snap.get(torch.device("cpu"))
+        cpu = torch.device("cpu")
+        snap = self._curr_mem_snap.get(cpu)
         if snap is None:
+            return
+        if self._peak_mem.get(cpu, 0) < snap["Total"]:
+            self._peak_mem[cpu], self._peak_mem_snap[cpu] = snap["Total"], dict(snap)
+        if not self._parameters_on_host:
             return
         host = self._host_bytes() + snap[_MemRefType.OPT]
         self.host_peak_bytes = max(self.host_peak_bytes, host)
@@ -599,42 +603,77 @@ RECIPE_LOCAL_GRANULARITY = 1024
 
 def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: int, precision: str) -> dict[str, Any]:
     """The longest L whose full-depth device peak fits ``budget_bytes`` (to 2%), with the host memory the offload
-    then needs and the share of the peak that is attention. The line through two probe peaks gives a first guess
-    (the peak grows with L, but not always at one slope: where the peak falls moves as L grows), a bracket is
-    widened around it by factors of 1.25, and bisection closes it."""
+    then needs and the share of the peak that is attention."""
     def setup(length: int, method: str = "mqsp") -> Setup:
         return Setup(model, method, length, world_size, precision, recipe=recipe, attention_backend="triton", optimizer_foreach=False)
 
+    memory: dict[int, tuple[int, int]] = {}
+
+    def peak(length: int) -> int:
+        memory[length] = extrapolated_memory(setup(length), RECIPE_PROBE_LAYERS)
+        return memory[length][0]
+
     step = RECIPE_LOCAL_GRANULARITY * world_size
-    peaks: dict[int, tuple[int, int]] = {}
+    length = longest_fitting_length(peak, budget_bytes, step)
+    if not length:
+        return {"length": 0, "peak_bytes": memory[step][0], "note": f"does not fit at L={step:,}"}
+    device, host = memory[length]
+    without_attention, _ = extrapolated_memory(setup(length, method="none"), RECIPE_PROBE_LAYERS)
+    return {"length": length, "peak_bytes": device, "host_bytes": host, "attention_share": 1 - without_attention / device,
+            "estimates": len(memory)}
+
+
+#: The recipe searches' precision: the length found fits, and one longer by this fraction is known not to.
+RECIPE_TOLERANCE = 0.02
+
+
+def longest_fitting_length(peak: Callable[[int], int], budget: int, step: int, tolerance: float = RECIPE_TOLERANCE) -> int:
+    """The longest multiple of ``step`` whose ``peak`` fits ``budget``, to ``tolerance``; 0 if ``step`` does not fit.
+
+    Each estimate is a long fake run (up to twenty minutes at P=32), so the search aims: the line through the two
+    estimates nearest the budget predicts where the peak meets it, and the search estimates just below and just above
+    that point (a third of the tolerance either side), which closes the bracket at once where the peak is affine in L
+    near the budget (it is, but its slope changes where the place of the peak moves). After two aimed estimates that
+    did not halve the bracket it bisects once, so the search ends however the peak bends."""
+    peaks: dict[int, int] = {}
 
     def fits(length: int) -> bool:
         if length not in peaks:
-            peaks[length] = extrapolated_memory(setup(length), RECIPE_PROBE_LAYERS)
-        return peaks[length][0] <= budget_bytes
+            peaks[length] = peak(length)
+        return peaks[length] <= budget
 
     def rounded(length: float) -> int:
         return max(step, int(length) // step * step)
 
-    probes = (16 * step, 64 * step)
     if not fits(step):
-        return {"length": 0, "peak_bytes": peaks[step][0], "note": f"does not fit at L={step:,}"}
-    if not fits(probes[0]):
-        good, bad = step, probes[0]
-    else:
-        fits(probes[1])
-        slope = (peaks[probes[1]][0] - peaks[probes[0]][0]) / (probes[1] - probes[0])
-        guess = rounded(probes[0] + (budget_bytes - peaks[probes[0]][0]) / slope) if slope > 0 else probes[1]
-        good, bad = (guess, None) if fits(guess) else (probes[0], guess)
-    while bad is None:
-        candidate = rounded(good * 1.25)
-        good, bad = (candidate, None) if fits(candidate) else (good, candidate)
-    while bad - good > step and bad / good > 1.02:
-        middle = rounded((good + bad) / 2)
-        good, bad = (middle, bad) if fits(middle) else (good, middle)
-    peak, host = peaks[good]
-    without_attention, _ = extrapolated_memory(setup(good, method="none"), RECIPE_PROBE_LAYERS)
-    return {"length": good, "peak_bytes": peak, "host_bytes": host, "attention_share": 1 - without_attention / peak}
+        return 0
+    good, bad = step, None
+    for probe in (16 * step, 64 * step):  # the first line
+        if not fits(probe):
+            bad = probe
+            break
+        good = probe
+    stalled, margin = 0, 1 + tolerance / 3
+    while bad is None or (bad - good > step and bad / good > 1 + tolerance):
+        target = _budget_crossing(peaks, budget)
+        aimed = [c for c in ((rounded(target / margin), rounded(target * margin)) if target else ())
+                 if good < c and (bad is None or c < bad)]
+        if bad is None:
+            candidate = aimed[0] if aimed else rounded(good * 1.25)
+        else:
+            candidate = aimed[0] if aimed and stalled < 2 else rounded((good + bad) / 2)
+        width = None if bad is None else bad - good
+        good, bad = (candidate, bad) if fits(candidate) else (good, candidate)
+        stalled = 0 if width is None or bad is None or bad - good <= width / 2 else stalled + 1
+    return good
+
+
+def _budget_crossing(peaks: dict[int, int], budget: int) -> float | None:
+    """Where the line through the two estimates whose peaks lie nearest the budget meets it; None if it does not
+    rise."""
+    (near, near_peak), (other, other_peak) = sorted(peaks.items(), key=lambda item: abs(item[1] - budget))[:2]
+    slope = (near_peak - other_peak) / (near - other)
+    return near + (budget - near_peak) / slope if slope > 0 else None
 
 
 def _timed_recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: int, precision: str) -> tuple[dict[str, Any], float]:

@@ -194,3 +194,27 @@ def test_the_recipe_table_says_which_cells_were_not_estimated_and_which_commit_m
     full_row = next(line for line in text.splitlines() if line.startswith("| MQSP full recipe ("))
     assert full_row.endswith("| does not fit | 8,192 | not estimated |")
     assert "aaaaaaa: ddp P=8," in text and "bbbbbbb: full P=1." in text
+
+
+@pytest.mark.parametrize("shape", ["affine", "steeper beyond a kink", "convex", "concave"])
+def test_the_length_search_finds_the_longest_fitting_length_in_few_estimates(shape: str) -> None:
+    """Each estimate of the 8B search is a long fake run: the search must bracket the longest fitting length (a
+    multiple of the step) to 2% with few of them, whichever way the peak bends."""
+    step, budget = 32 * 1024, 80 * 10**9
+    curves = {
+        "affine": lambda length: 3e9 + 6e3 * length,
+        "steeper beyond a kink": lambda length: 3e9 + 4e3 * length + 3e3 * max(0, length - 8_000_000),
+        "convex": lambda length: 3e9 + 1e3 * length + 4e-4 * length**2,
+        "concave": lambda length: 3e9 + 2e6 * length**0.5 + 1e3 * length,
+    }
+    calls: list[int] = []
+
+    def peak(length: int) -> int:
+        calls.append(length)
+        return int(curves[shape](length))
+
+    found = estimate_memory.longest_fitting_length(peak, budget, step)
+    longest = max(n * step for n in range(1, 2000) if curves[shape](n * step) <= budget)  # by brute force
+    assert peak(found) <= budget and found <= longest <= found * 1.02
+    assert len(calls) - 1 <= {"affine": 5}.get(shape, 10), calls  # (the line above called it once more)
+    assert estimate_memory.longest_fitting_length(peak, 1, step) == 0
