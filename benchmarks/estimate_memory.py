@@ -610,7 +610,10 @@ def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: in
     memory: dict[int, tuple[int, int]] = {}
 
     def peak(length: int) -> int:
+        started = time.time()
         memory[length] = extrapolated_memory(setup(length), RECIPE_PROBE_LAYERS)
+        print(f"  {recipe} P={world_size}: L={length:,} peaks at {memory[length][0] / GB:.1f} GB "
+              f"({time.time() - started:.0f} s)", flush=True)  # a P=32 search takes most of an hour: show its progress
         return memory[length][0]
 
     step = RECIPE_LOCAL_GRANULARITY * world_size
