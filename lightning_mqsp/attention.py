@@ -331,6 +331,16 @@ def _narrow_in_place(accumulator: Tensor, dtype: torch.dtype) -> Tensor:
     return narrow.view(accumulator.shape)
 
 
+def _key_value_grads(ctx: Any, grad_key: Tensor, grad_value: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """dK and dV in the dtypes of the key and value, from their float32 accumulators: narrowed in the accumulators' own
+    storage, except for a leaf tensor, whose ``.grad`` would keep that whole storage (twice its size) for as long as
+    it lives: a copy."""
+    grads = []
+    for accumulator, like, leaf in zip((grad_key, grad_value), (key, value), ctx.leaf_inputs):
+        grads.append(accumulator.to(like.dtype) if leaf else _narrow_in_place(accumulator, like.dtype))
+    return grads[0], grads[1]
+
+
 class _LocalAttention(torch.autograd.Function):
     """One rank (or no process group): the local kernel over the whole sequence, _LOCAL_BLOCK_ROWS query rows a call,
     so that the kernel's float32 outputs (out in forward, dQ in backward: two hidden states of a bf16 model a token)
@@ -352,7 +362,7 @@ class _LocalAttention(torch.autograd.Function):
         for start, stop, sources in _LocalAttention._blocks(plan):
             part = plan.backend.forward(query[:, :, start:stop], key, value, masks.visibility(plan, (start, stop, sources)), plan.scale)
             out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = part
-        ctx.plan, ctx.masks = plan, masks
+        ctx.plan, ctx.masks, ctx.leaf_inputs = plan, masks, (key.is_leaf, value.is_leaf)
         ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
         return out
 
@@ -373,7 +383,7 @@ class _LocalAttention(torch.autograd.Function):
                 row_log_sum[:, :, rows].contiguous(), _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype),
                 ctx.masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
             )
-        return grad_query, _narrow_in_place(grad_key, key.dtype), _narrow_in_place(grad_value, value.dtype), None, None
+        return grad_query, *_key_value_grads(ctx, grad_key, grad_value, key, value), None, None
 
 
 class _MQSPAttention(torch.autograd.Function):
@@ -428,7 +438,7 @@ class _MQSPAttention(torch.autograd.Function):
             out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = merged
 
         _run_micro_steps(len(steps), gather, lambda arrive: _join_rows(arrive()), compute, finish)
-        ctx.plan, ctx.masks = plan, masks
+        ctx.plan, ctx.masks, ctx.leaf_inputs = plan, masks, (key.is_leaf, value.is_leaf)
         ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
         return out
 
@@ -498,7 +508,7 @@ class _MQSPAttention(torch.autograd.Function):
                 rows.copy_(returned.sum(dim=0))
 
         _run_micro_steps(len(steps), gather, unpack, compute, finish)
-        return grad_query, _narrow_in_place(grad_key, key.dtype), _narrow_in_place(grad_value, value.dtype), None, None
+        return grad_query, *_key_value_grads(ctx, grad_key, grad_value, key, value), None, None
 
 
 def _follow_autocast(*tensors: Any) -> tuple[Any, ...]:

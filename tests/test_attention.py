@@ -478,3 +478,15 @@ def test_narrowing_in_place_gives_the_same_bits_as_a_cast() -> None:
         wide = torch.randn(2, 3, n)
         narrow = attention._narrow_in_place(wide.clone(), torch.bfloat16)
         assert narrow.dtype == torch.bfloat16 and torch.equal(narrow, wide.to(torch.bfloat16))
+
+
+def test_a_leaf_keys_gradient_owns_storage_of_its_own_size() -> None:
+    """The float32 dK/dV accumulators are narrowed in their own storage, but a leaf's .grad lives on: it must not keep
+    a storage twice its size."""
+    q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mqsp_attention(q, k, v, causal=True).sum().backward()
+    for leaf in (k, v):
+        assert leaf.grad.untyped_storage().nbytes() == leaf.grad.numel() * leaf.grad.element_size()
+    out = mqsp_attention(q, k * 1, v * 1, causal=True)  # not leaves: narrowed in place, values the same
+    grads = torch.autograd.grad(out.sum(), (k, v))
+    assert all(torch.equal(g, leaf.grad) for g, leaf in zip(grads, (k, v)))
