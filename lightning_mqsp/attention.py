@@ -69,8 +69,9 @@ def communication_bytes(
     keys saw. Backward: the queries and output gradients (2D, input dtype) with three float32 row
     statistics go the same way as the queries, the partial query gradients (D, float32) the same way as
     the outputs. Without a mask every rank sees every row: (P-1)/P x L x H x (D + D+2) forward. A step
-    whose rows every rank sees (all of them without a mask) all-gathers its queries and reduce-scatters
-    its query gradients; every other transfer is an all-to-all (``comm.exchange``). Independent of the
+    whose rows every rank sees (all of them without a mask) all-gathers its queries (on gloo the forward
+    sends them by ``comm.exchange``: the same bytes, counted as an all-gather) and reduce-scatters its
+    query gradients; every other transfer is an all-to-all (``comm.exchange``). Independent of the
     key/value heads: keys and values never travel. ``include_check`` adds the check of a new signature
     (the first call of its kind on a group): one row of int64s. Not counted: document ids and a dropout
     seed, when those are used. Under a causal mask or a window the ranks send different amounts.
@@ -194,16 +195,18 @@ def _of_ranks(x: Tensor, ranks: tuple[int, ...]) -> Tensor:
     return x[list(ranks)]
 
 
-def _share_rows(rows: Tensor, route: _Route, plan: _Plan, what: str) -> Callable[[], list[Tensor]]:
+def _share_rows(rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = True) -> Callable[[], list[Tensor]]:
     """Send this rank's rows of a micro-step [B, H, c, X] to the ranks whose keys see them. The call returned
     waits for the rows of ``route.sources`` and returns them, one [B, H, c, X] tensor per source. Dense steps
-    all-gather; the others exchange only between ranks that see something, and a rank's own rows stay."""
-    if route.dense:
+    all-gather (unless ``all_gather_dense`` is false: then they exchange a copy with every other rank, as the
+    sparse steps do); the others exchange only between ranks that see something, and a rank's own rows stay."""
+    if route.dense and all_gather_dense:
         pending = comm.all_gather(rows, plan.group, what)
         return lambda: list(pending.wait())
     to = tuple(r for r in route.destinations if r != plan.rank)
     received_from = tuple(s for s in route.sources if s != plan.rank)
-    pending = comm.exchange(rows.unsqueeze(0).expand(len(to), *rows.shape), to, received_from, plan.group, what)
+    pending = comm.exchange(rows.unsqueeze(0).expand(len(to), *rows.shape), to, received_from, plan.group, what,
+                            counted_as="all_gather" if route.dense else "all_to_all")
 
     def arrive() -> list[Tensor]:
         received = iter(pending.wait())
@@ -415,10 +418,12 @@ class _MQSPAttention(torch.autograd.Function):
         steps = _MQSPAttention._steps(plan)
 
         routes = [plan.route(start, stop) for start, stop in steps]
+        # Only here: the backward's exchange would hold P-1 copies of its larger rows where its peak is.
+        all_gather_dense = not comm.exchange_is_cheaper_than_all_gather(plan.group)
 
         def gather(j: int) -> Callable[[], list[Tensor]]:
             start, stop = steps[j]
-            return _share_rows(query[:, :, start:stop], routes[j], plan, "mqsp_attention: the query gather")
+            return _share_rows(query[:, :, start:stop], routes[j], plan, "mqsp_attention: the query gather", all_gather_dense)
 
         def compute(j: int, gathered_query: Tensor) -> comm.Pending:
             (start, stop), sources = steps[j], routes[j].sources

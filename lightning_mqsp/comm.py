@@ -178,25 +178,33 @@ def all_to_all(x: Tensor, group: ProcessGroup | None, what: str = "all-to-all") 
 
 
 def exchange(x: Tensor, send_to: tuple[int, ...], receive_from: tuple[int, ...], group: ProcessGroup | None,
-             what: str = "exchange") -> Pending:
+             what: str = "exchange", counted_as: str = "all_to_all") -> Pending:
     """An all-to-all in which some pairs of ranks exchange nothing: slice i of ``x`` [len(send_to), ...] goes to
     group rank ``send_to[i]``; returns [len(receive_from), ...], slice i from group rank ``receive_from[i]``.
 
     Both ascending; every rank calls it, and rank a lists b in ``send_to`` exactly when b lists a in
     ``receive_from`` (callers derive both from host-known facts all ranks share). A pair that exchanges
-    nothing costs nothing. With every rank in both lists this is :func:`all_to_all` (counted under that name)."""
+    nothing costs nothing. With every rank in both lists this is :func:`all_to_all`. Counted under ``counted_as``
+    (an all-gather made of copies for every rank counts as one)."""
     size = group_size(group)
     if size == 1:
         return Pending(x, None)
     rank = dist.get_rank(group)
     x = x.contiguous()
     out = x.new_empty((len(receive_from), *x.shape[1:]))
-    record_bytes_sent("all_to_all", sum(r != rank for r in send_to) * x[0].numel() * x.element_size() if len(x) else 0)
+    record_bytes_sent(counted_as, sum(r != rank for r in send_to) * x[0].numel() * x.element_size() if len(x) else 0)
     sends, receives = set(send_to), set(receive_from)
     send_counts = [int(r in sends) for r in range(size)]
     receive_counts = [int(r in receives) for r in range(size)]
     work = dist.all_to_all_single(out, x, receive_counts, send_counts, group=group, async_op=True)
     return Pending(out, work, what, group)
+
+
+def exchange_is_cheaper_than_all_gather(group: ProcessGroup | None) -> bool:
+    """Whether sending a copy of the same rows to every other rank (:func:`exchange`) costs less than :func:`all_gather`:
+    on gloo it does (the forward's query gathers sent so: MQSP / Ulysses 1-5% lower at P=4, L=4k in six A/B runs of
+    ``benchmarks/attention_ab.py``, ``docs/design.md``); elsewhere the all-gather, which needs no copies, is kept."""
+    return dist.is_initialized() and dist.get_backend(group) == "gloo"
 
 
 def reduce_scatter(x: Tensor, group: ProcessGroup | None, what: str = "reduce-scatter") -> Pending:

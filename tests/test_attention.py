@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
 
-from lightning_mqsp import attention, count_communication, mqsp_attention, shard_sequence
+from lightning_mqsp import attention, comm, count_communication, mqsp_attention, shard_sequence
 from lightning_mqsp.attention import _Route, _route, communication_bytes
 from lightning_mqsp.dropout import keep_mask
 from lightning_mqsp.visibility import Window
@@ -234,6 +234,35 @@ def test_counted_bytes_without_a_mask_are_the_dense_formula(workers) -> None:
     for _, repeated, _, expected in workers(4).run(count_bytes, case, True):
         dense = {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
         assert repeated == expected == dense
+
+
+def all_gathers_by_pass() -> tuple[int, int]:
+    """comm.all_gather calls of the micro-steps of an unmasked forward, then of its backward (3 each); the check of
+    the call's signature across ranks is an all-gather too, not counted."""
+    calls = [0]
+    original = comm.all_gather
+
+    def counted(x: torch.Tensor, group: dist.ProcessGroup | None, what: str = "") -> comm.Pending:
+        calls[0] += "gather of queries" in what or "query gather" in what
+        return original(x, group, what)
+
+    comm.all_gather = counted
+    try:
+        q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
+        out = mqsp_attention(q, k, v, micro_q_size=3)
+        forward = calls[0]
+        out.sum().backward()
+        return forward, calls[0] - forward
+    finally:
+        comm.all_gather = original
+
+
+def test_on_gloo_the_forward_gathers_by_exchange_and_the_backward_all_gathers(workers) -> None:
+    """gloo's all-to-all costs less than its all-gather (the forward's query gathers use it), but it holds a copy of the
+    rows for every rank: the backward, whose step buffers set the peak, keeps the all-gather. (The bytes counted are the
+    same, ``test_counted_bytes_without_a_mask_are_the_dense_formula``.)"""
+    for forward, backward in workers(2).run(all_gathers_by_pass):
+        assert (forward, backward) == (0, 3)
 
 
 def output_layout() -> tuple[bool, bool]:
