@@ -338,10 +338,9 @@ def _key_value_grads(ctx: Any, grad_key: Tensor, grad_value: Tensor, key: Tensor
     """dK and dV in the dtypes of the key and value, from their float32 accumulators: narrowed in the accumulators' own
     storage, except for a leaf tensor, whose ``.grad`` would keep that whole storage (twice its size) for as long as
     it lives: a copy."""
-    grads = []
-    for accumulator, like, leaf in zip((grad_key, grad_value), (key, value), ctx.leaf_inputs):
-        grads.append(accumulator.to(like.dtype) if leaf else _narrow_in_place(accumulator, like.dtype))
-    return grads[0], grads[1]
+    key_is_leaf, value_is_leaf = ctx.leaf_inputs
+    return (grad_key.to(key.dtype) if key_is_leaf else _narrow_in_place(grad_key, key.dtype),
+            grad_value.to(value.dtype) if value_is_leaf else _narrow_in_place(grad_value, value.dtype))
 
 
 class _LocalAttention(torch.autograd.Function):
