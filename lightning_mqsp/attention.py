@@ -215,9 +215,16 @@ def _share_rows(rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_
     return arrive
 
 
-def _join_rows(rows: list[Tensor], columns: slice = slice(None)) -> Tensor:
-    """The sources' rows [B, H, c, X], columns ``columns``, as one contiguous [B, H, n*c, X'] (one copy)."""
-    return torch.cat([r[..., columns] for r in rows], dim=2)
+def _join_rows(rows: list[Tensor], columns: slice = slice(None), sequence_major: bool = False) -> Tensor:
+    """The sources' rows [B, H, c, X], columns ``columns``, as one [B, H, n*c, X'] (one copy): contiguous, or with
+    ``sequence_major`` stored as [B, n*c, H, X'] (the layout aten's CPU flash backward needs its output gradient
+    in: it copies any other)."""
+    parts = [r[..., columns] for r in rows]
+    if not sequence_major:
+        return torch.cat(parts, dim=2)
+    b, h, c, width = parts[0].shape
+    joined = parts[0].new_empty((b, len(parts) * c, h, width)).transpose(1, 2)
+    return torch.cat(parts, dim=2, out=joined)
 
 
 def _return_to_sources(parts: Tensor, route: _Route, plan: _Plan, what: str) -> comm.Pending:
@@ -227,9 +234,10 @@ def _return_to_sources(parts: Tensor, route: _Route, plan: _Plan, what: str) -> 
 
 
 def _rows_to_ranks(x: Tensor, ranks: int) -> Tensor:
-    """[B, H, n*c, ...] (rows of the first rank, then the second, ...) -> [n, B, H, c, ...]."""
-    b, h, rows = x.shape[:3]
-    return x.reshape(b, h, ranks, rows // ranks, *x.shape[3:]).movedim(2, 0)
+    """[B, H, n*c, D] (rows of the first rank, then the second, ...) -> [n, B, c, H, D], sequence-major as the
+    backends' query gradients are stored: a view for B = 1, contiguous, so the collective sends it without a copy."""
+    b, h, rows, d = x.shape
+    return x.transpose(1, 2).reshape(b, ranks, rows // ranks, h, d).movedim(1, 0)
 
 
 def _run_micro_steps(
@@ -479,9 +487,10 @@ class _MQSPAttention(torch.autograd.Function):
 
         def unpack(arrive: Callable[[], list[Tensor]]) -> tuple[Tensor, ...]:
             rows = arrive()
-            # Straight into contiguous [B, H, n*c, ...] tensors: one copy, none in the kernel.
+            # Straight into [B, H, n*c, ...] tensors: one copy, none in the kernel (output gradients sequence-major).
             stats = _join_rows(rows, slice(2 * d, None)).view(dtype)
-            return _join_rows(rows, slice(0, d)), _join_rows(rows, slice(d, 2 * d)), stats[..., 0], stats[..., 1], stats[..., 2]
+            step_grad_out = _join_rows(rows, slice(d, 2 * d), sequence_major=True)
+            return _join_rows(rows, slice(0, d)), step_grad_out, stats[..., 0], stats[..., 1], stats[..., 2]
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             (start, stop), sources = steps[j], routes[j].sources
@@ -502,6 +511,7 @@ class _MQSPAttention(torch.autograd.Function):
         def finish(j: int, returned: Tensor) -> None:
             start, stop = steps[j]
             rows = grad_query[:, :, start:stop]
+            returned = returned.transpose(-3, -2)  # [..., B, c, H, D] -> [..., B, H, c, D]
             if routes[j].dense:  # summed by the reduce-scatter
                 rows.copy_(returned)
             elif rows.dtype == returned.dtype:  # float32: add the partials in place

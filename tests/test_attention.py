@@ -12,6 +12,7 @@ from reference import dense_attention, dropout_reference, relative_error, sdpa_r
 
 from lightning_mqsp import attention, comm, count_communication, mqsp_attention, shard_sequence
 from lightning_mqsp.attention import _Route, _route, communication_bytes
+from lightning_mqsp.backends import cpu_flash
 from lightning_mqsp.dropout import keep_mask
 from lightning_mqsp.visibility import Window
 
@@ -263,6 +264,41 @@ def test_on_gloo_the_forward_gathers_by_exchange_and_the_backward_all_gathers(wo
     same, ``test_counted_bytes_without_a_mask_are_the_dense_formula``.)"""
     for forward, backward in workers(2).run(all_gathers_by_pass):
         assert (forward, backward) == (0, 3)
+
+
+def backward_step_layouts() -> tuple[list[bool], list[bool]]:
+    """For each cpu_flash backward kernel call of a causal P=2 backward, whether its output gradient is stored
+    sequence-major; for each query-gradient return, whether the backend's dQ goes to the collective as it is."""
+    kernel_layouts: list[bool] = []
+    sent_as_is: list[bool] = []
+    flash_backward, reduce_scatter, exchange = cpu_flash._flash_backward, comm.reduce_scatter, comm.exchange
+
+    def recording_kernel(dout: torch.Tensor, *args, **kwargs):
+        kernel_layouts.append(dout.transpose(1, 2).is_contiguous())
+        return flash_backward(dout, *args, **kwargs)
+
+    def recording(collective):
+        def call(x: torch.Tensor, *args, **kwargs) -> comm.Pending:
+            if "query gradients" in str(args[-1]):
+                sent_as_is.append(x.is_contiguous())
+            return collective(x, *args, **kwargs)
+        return call
+
+    cpu_flash._flash_backward, comm.reduce_scatter, comm.exchange = recording_kernel, recording(reduce_scatter), recording(exchange)
+    try:
+        q, k, v = (torch.randn(1, 4, 32, 16, requires_grad=True) for _ in range(3))
+        mqsp_attention(q, k, v, causal=True, layout="zigzag", micro_q_size=8, backend="cpu_flash").sum().backward()
+    finally:
+        cpu_flash._flash_backward, comm.reduce_scatter, comm.exchange = flash_backward, reduce_scatter, exchange
+    return kernel_layouts, sent_as_is
+
+
+def test_the_backward_steps_hand_over_their_rows_without_copies(workers) -> None:
+    """aten's CPU flash backward copies an output gradient not stored [B, M, H, D]; a collective copies a non-contiguous
+    input: the gathered output gradients are joined sequence-major and dQ is sent in the order the backend stores it."""
+    for kernel_layouts, sent_as_is in workers(2).run(backward_step_layouts):
+        assert kernel_layouts and all(kernel_layouts)
+        assert sent_as_is and all(sent_as_is)
 
 
 def output_layout() -> tuple[bool, bool]:

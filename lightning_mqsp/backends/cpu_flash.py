@@ -297,7 +297,10 @@ def _output_with_delta(dout: Tensor, delta: Tensor) -> Tensor:
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum(a * b, dim=-1) for [..., M, D] tensors, as a batched matmul."""
+    """sum(a * b, dim=-1) for [B, H, M, D] tensors, as a batched matmul over the rows in the order they are
+    stored: head-major or sequence-major ([B, M, H, D] viewed as [B, H, M, D]), neither copied."""
+    if not a.is_contiguous() and a.transpose(1, 2).is_contiguous():
+        return _row_dot(a.transpose(1, 2), b.transpose(1, 2)).transpose(1, 2)
     return (a.unsqueeze(-2) @ b.unsqueeze(-1)).view(a.shape[:-1])
 
 
@@ -417,7 +420,7 @@ class CpuFlashBackend:
         negated_level = level.neg().unsqueeze(-1)
         row_log_sum = row_log_sum.masked_fill(torch.isneginf(row_max), float("inf"))
         pieces = _key_blocks(_pieces(visibility, skyline=True), min(KEY_BLOCK, max(rows // 2, 128)))
-        dq = q.new_empty(q.shape)
+        dq = q.new_empty((batch, rows, q.size(1), q.size(3))).transpose(1, 2)  # sequence-major, as the kernel returns its own
         written = _Written()
         for piece in pieces:
             r, c = piece.rows, piece.keys
