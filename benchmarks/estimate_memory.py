@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -98,6 +99,11 @@ PROBE_LAYERS = (1, 2)
 #: step, the peak is affine in depth only from three layers on (from (1, 2) the 32-layer peak of llama-8b's full
 #: recipe came out 84% too high at L = 262,144, P = 8: 48.9 GB against 26.6 GB for a full-depth fake run).
 RECIPE_PROBE_LAYERS = (3, 4)
+#: Each recipe search checks its length with a fake run this deep against the probes' line. On long sequences the
+#: peak is in a layer's backward and the line is exact (L = 5.6M, P = 8: 60,637,182,772 B both ways); on short ones
+#: it moves to the end of backward, with every layer's gradient shard, whose per-layer slope is steeper (L = 262,144,
+#: P = 8, full recipe: from 6 layers on; the 32-layer peak 11.5% above the line through 3 and 4 layers).
+RECIPE_CHECK_LAYERS = 8
 
 
 def _bert(hidden: int, layers: int, heads: int, vocab: int = 30522) -> Callable[[int], PretrainedConfig]:
@@ -217,7 +223,11 @@ def method_attention(setup: Setup) -> AttentionFn:
         return lambda q, k, v, group: _AttentionThatCostsNothing.apply(q, k, v)
     if setup.method == "mqsp":
         micro_q_size = setup.micro_q_size or max(1, min(setup.local_length, ESTIMATE_GATHERED_ROWS // setup.world_size))
-        return partial(mqsp_baseline.attention, micro_q_size=micro_q_size, backend=setup.attention_backend)
+        # The full recipes' strategy options: offload_activations (queries in host memory through backward) and
+        # attention_head_groups set to the model's key/value heads (float32 dK/dV for one head at a time).
+        full = setup.recipe in _FULL_RECIPES
+        return partial(mqsp_baseline.attention, micro_q_size=micro_q_size, backend=setup.attention_backend,
+                       head_groups=setup.config().num_key_value_heads if full else 1, offload_queries=full)
     return METHODS[setup.method].attention
 
 
@@ -289,7 +299,7 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     host = _HostMemory()
     tracker = _DeviceMemTracker(model, parameters_on_host=setup.recipe == "host_parameters")
     tracker.track_external(model, optimizer)
-    with tracker:
+    with tracker, host.queries() if setup.recipe in _FULL_RECIPES else nullcontext():  # queries: a layer's recompute too
         with _precision_context(setup.precision), host.offload() if setup.recipe in _FULL_RECIPES else nullcontext():
             if setup.recipe in _FULL_RECIPES:
                 hidden = model.base_model(input_ids=input_ids, position_ids=positions).last_hidden_state
@@ -373,7 +383,8 @@ class _ChunkedLoss(torch.nn.Module):
 class _HostMemory:
     """Offload of what the forward saves for backward, as ``save_on_cpu`` does on a GPU, for the accounting of a
     CPU run: a saved floating-point tensor leaves the device's tally (it is kept as an empty ``meta`` tensor) and
-    joins the host's; backward gets zeros of its shape (values do not matter to a memory measurement)."""
+    joins the host's until backward has used it; backward gets zeros of its shape (values do not matter to a memory
+    measurement)."""
 
     def __init__(self) -> None:
         self.bytes = self.peak_bytes = 0
@@ -382,9 +393,7 @@ class _HostMemory:
         def pack(tensor: Tensor) -> Tensor | tuple[Tensor, torch.device]:
             if not tensor.is_floating_point():  # indices and masks: tiny, and their values matter even here
                 return tensor
-            self.bytes += tensor.numel() * tensor.element_size()  # save_on_cpu copies the tensor, not all its storage
-            self.peak_bytes = max(self.peak_bytes, self.bytes)
-            return tensor.to("meta"), tensor.device
+            return self._hold(tensor), tensor.device
 
         def unpack(packed: Tensor | tuple[Tensor, torch.device]) -> Tensor:
             if isinstance(packed, Tensor):
@@ -393,6 +402,34 @@ class _HostMemory:
             return torch.zeros_like(meta, device=device)
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    @contextmanager
+    def queries(self) -> Iterator[None]:
+        """MQSP's ``offload_queries`` copies, counted the same way: in host memory while they live (a layer's, through its
+        backward), read back a micro-step's rows at a time as zeros of their shape."""
+        attention = lightning_mqsp.attention
+
+        def from_host(x: Tensor, device: torch.device) -> Tensor:
+            return torch.zeros(x.shape, dtype=x.dtype, device=device)
+
+        replaced = attention._to_host, attention._from_host
+        attention._to_host, attention._from_host = self._hold, from_host
+        try:
+            yield
+        finally:
+            attention._to_host, attention._from_host = replaced
+
+    def _hold(self, tensor: Tensor) -> Tensor:
+        """A copy in host memory: counted from now until it is freed (a ``meta`` tensor of its shape)."""
+        nbytes = tensor.numel() * tensor.element_size()  # save_on_cpu copies the tensor, not all its storage
+        self.bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        copy = tensor.to("meta")
+        weakref.finalize(copy, self._release, nbytes)
+        return copy
+
+    def _release(self, nbytes: int) -> None:
+        self.bytes -= nbytes
 
 
 _world_meshes: dict[int, DeviceMesh] = {}
@@ -454,7 +491,17 @@ def extrapolated_memory(setup: Setup, probe_layers: tuple[int, int] = PROBE_LAYE
     if depth <= probe_layers[1]:
         whole = estimate_training_step(replace(setup, num_layers=depth))
         return whole.peak_bytes, whole.host_peak_bytes
+    return _at_depth(_probes(setup, probe_layers), probe_layers, depth)
+
+
+def _probes(setup: Setup, probe_layers: tuple[int, int]) -> tuple[StepMemory, StepMemory]:
     shallow, deeper = (estimate_training_step(replace(setup, num_layers=n)) for n in probe_layers)
+    return shallow, deeper
+
+
+def _at_depth(probes: tuple[StepMemory, StepMemory], probe_layers: tuple[int, int], depth: int) -> tuple[int, int]:
+    """(device peak, host peak) at ``depth`` on the line through the probes."""
+    shallow, deeper = probes
     layers = (depth - probe_layers[0]) / (probe_layers[1] - probe_layers[0])
     return (int(shallow.peak_bytes + layers * (deeper.peak_bytes - shallow.peak_bytes)),
             int(shallow.host_peak_bytes + layers * (deeper.host_peak_bytes - shallow.host_peak_bytes)))
@@ -608,10 +655,13 @@ def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: in
         return Setup(model, method, length, world_size, precision, recipe=recipe, attention_backend="triton", optimizer_foreach=False)
 
     memory: dict[int, tuple[int, int]] = {}
+    probes: dict[int, tuple[StepMemory, StepMemory]] = {}
+    depth = MODELS[model](RECIPE_LOCAL_GRANULARITY).num_hidden_layers
 
     def peak(length: int) -> int:
         started = time.time()
-        memory[length] = extrapolated_memory(setup(length), RECIPE_PROBE_LAYERS)
+        probes[length] = _probes(setup(length), RECIPE_PROBE_LAYERS)
+        memory[length] = _at_depth(probes[length], RECIPE_PROBE_LAYERS, depth)
         print(f"  {recipe} P={world_size}: L={length:,} peaks at {memory[length][0] / GB:.1f} GB "
               f"({time.time() - started:.0f} s)", flush=True)  # a P=32 search takes most of an hour: show its progress
         return memory[length][0]
@@ -622,8 +672,13 @@ def recipe_max_length(model: str, recipe: str, world_size: int, budget_bytes: in
         return {"length": 0, "peak_bytes": memory[step][0], "note": f"does not fit at L={step:,}"}
     device, host = memory[length]
     without_attention, _ = extrapolated_memory(setup(length, method="none"), RECIPE_PROBE_LAYERS)
+    checked = estimate_training_step(replace(setup(length), num_layers=RECIPE_CHECK_LAYERS)).peak_bytes
+    depth_check = checked / _at_depth(probes[length], RECIPE_PROBE_LAYERS, RECIPE_CHECK_LAYERS)[0] - 1
+    if abs(depth_check) > 0.01:
+        print(f"  {recipe} P={world_size}: at L={length:,} a {RECIPE_CHECK_LAYERS}-layer run is {100 * depth_check:+.1f}% off "
+              f"the line through {RECIPE_PROBE_LAYERS} layers: the full-depth peak is not affine from there", flush=True)
     return {"length": length, "peak_bytes": device, "host_bytes": host, "attention_share": 1 - without_attention / device,
-            "estimates": len(memory)}
+            "estimates": len(memory), "depth_check": depth_check}
 
 
 #: The recipe searches' precision: the length found fits, and one longer by this fraction is known not to.

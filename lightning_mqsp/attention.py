@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -59,7 +59,7 @@ def communication_bytes(
     *, batch: int, heads: int, kv_heads: int, local_length: int, head_dim: int, world_size: int,
     dtype: torch.dtype, backward: bool = True, include_check: bool = False, causal: bool = False,
     window: tuple[int | None, int | None] | None = None, layout: Layout = "contiguous", micro_q_size: int | None = None,
-    rank: int = 0,
+    rank: int = 0, head_groups: int = 1,
 ) -> dict[str, int]:
     """Bytes rank ``rank`` sends in one call (forward, plus backward if asked), per collective.
 
@@ -74,24 +74,30 @@ def communication_bytes(
     query gradients; every other transfer is an all-to-all (``comm.exchange``). Independent of the
     key/value heads: keys and values never travel. ``include_check`` adds the check of a new signature
     (the first call of its kind on a group): one row of int64s. Not counted: document ids and a dropout
-    seed, when those are used. Under a causal mask or a window the ranks send different amounts.
+    seed, when those are used. Under a causal mask or a window the ranks send different amounts. With
+    ``head_groups`` the backward's steps take that many times the rows for as many times fewer heads: the
+    same bytes, unless wider steps change which ranks see a step's rows.
     """
     if world_size == 1:
         return {}
     itemsize = torch.empty((), dtype=dtype).element_size()
     accumulator = accumulation_dtype(dtype).itemsize
     visible = Window.of(causal, window)
-    gathered_row = head_dim * itemsize + (2 * head_dim * itemsize + 3 * accumulator if backward else 0)
     sent: Counter[str] = Counter()
     step = micro_q_size or auto_micro_q_size(local_length, world_size)
-    for start in range(0, local_length, step):
-        stop = min(start + step, local_length)
-        route = _route(world_size, rank, layout, local_length, visible, start, stop)
-        rows = batch * heads * (stop - start)
-        sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * gathered_row
+
+    def routes(rows_per_step: int) -> Iterator[tuple[_Route, int]]:
+        for start in range(0, local_length, rows_per_step):
+            stop = min(start + rows_per_step, local_length)
+            yield _route(world_size, rank, layout, local_length, visible, start, stop), batch * heads * (stop - start)
+
+    for route, rows in routes(step):
+        sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * head_dim * itemsize
         sent["all_to_all"] += (len(route.sources) - 1) * rows * (head_dim + 2) * accumulator
-        if backward:
-            sent["reduce_scatter" if route.dense else "all_to_all"] += (len(route.sources) - 1) * rows * head_dim * accumulator
+    for route, rows in routes(min(local_length, step * head_groups)) if backward else ():
+        gathered_row = 2 * head_dim * itemsize + 3 * accumulator  # queries, output gradients, row statistics
+        sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * gathered_row
+        sent["reduce_scatter" if route.dense else "all_to_all"] += (len(route.sources) - 1) * rows * head_dim * accumulator
     if include_check:
         sent["all_gather"] += (world_size - 1) * (1 + len(SIGNATURE_FIELDS)) * 8
     return {name: n for name, n in sent.items() if n}
@@ -146,9 +152,17 @@ class _Plan:
     softcap: float | None
     scale: float
     dropout_p: float
+    head_groups: int
+    offload_queries: bool
 
-    def steps(self) -> list[tuple[int, int]]:
-        return [(start, min(start + self.micro_q_size, self.local_length)) for start in range(0, self.local_length, self.micro_q_size)]
+    def steps(self, rows: int) -> list[tuple[int, int]]:
+        return [(start, min(start + rows, self.local_length)) for start in range(0, self.local_length, rows)]
+
+    @property
+    def backward_rows(self) -> int:
+        """Local rows a backward step takes: a forward step's, times ``head_groups``, for that many times fewer heads
+        (the same bytes a step)."""
+        return min(self.local_length, self.micro_q_size * self.head_groups)
 
     def runs(self, rank: int) -> tuple[Run, ...]:
         return position_runs(self.local_length, rank, self.world_size, self.layout)
@@ -351,15 +365,79 @@ def _key_value_grads(ctx: Any, grad_key: Tensor, grad_value: Tensor, key: Tensor
             grad_value.to(value.dtype) if value_is_leaf else _narrow_in_place(grad_value, value.dtype))
 
 
+def _to_host(x: Tensor) -> Tensor:
+    """A copy of ``x`` in host memory, stored as ``x`` is (pinned, so that backward's copies of its rows back to the
+    device are asynchronous); ``x`` itself when it is on the CPU already. The memory estimates replace this and
+    :func:`_from_host` to count the copy as host memory (``benchmarks/estimate_memory.py``)."""
+    if x.device.type == "cpu":
+        return x
+    pinned = torch.cuda.is_available()
+    # Same strides (of a dense tensor), so that the copy needs no contiguous temporary on the device.
+    return torch.empty_like(x, device="cpu", pin_memory=pinned).copy_(x, non_blocking=pinned)
+
+
+def _from_host(x: Tensor, device: torch.device) -> Tensor:
+    """Rows of a :func:`_to_host` copy on ``device`` (``x`` itself when it is there)."""
+    return x.to(device, non_blocking=True)
+
+
+def _saved_query(query: Tensor, plan: _Plan) -> Tensor:
+    """The query as the forward saves it for backward: in host memory with ``offload_queries``."""
+    return _to_host(query) if plan.offload_queries else query
+
+
+def _head_groups(groups: int, heads: int, kv_heads: int) -> list[tuple[slice, slice]]:
+    """(query heads, key/value heads) of each of the backward's ``groups`` passes: consecutive key/value heads and
+    the query heads that share them."""
+    q, kv = heads // groups, kv_heads // groups
+    return [(slice(g * q, (g + 1) * q), slice(g * kv, (g + 1) * kv)) for g in range(groups)]
+
+
+#: One backward pass over some heads: (plan, (query, key, value, grad_out, out, row_max, row_log_sum) of those heads,
+#: dQ to fill, dK and dV accumulators to add into).
+BackwardPass = Callable[[_Plan, tuple[Tensor, ...], Tensor, Tensor, Tensor], None]
+
+
+def _backward_by_head_groups(ctx: Any, grad_out: Tensor, run_pass: BackwardPass) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK and dV from ``run_pass``: over every head at once, or with ``head_groups`` over each group of heads in
+    turn, so that float32 dK and dV accumulators exist for one group's key/value heads at a time (``docs/design.md``,
+    "Head groups")."""
+    plan: _Plan = ctx.plan
+    query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
+    dtype = accumulation_dtype(key.dtype)
+    # Each row's query gradient arrives once, summed over ranks in float32: it is stored in the input dtype
+    # straight away (the same single rounding as a float32 buffer cast at the end, without that buffer,
+    # two bf16 hidden states of memory at the end of a layer's backward). dK and dV add up over the
+    # steps: float32 accumulators.
+    grad_query = torch.empty_like(query, device=grad_out.device)
+    if plan.head_groups == 1:
+        grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
+        grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
+        run_pass(plan, (query, key, value, grad_out, out, row_max, row_log_sum), grad_query, grad_key, grad_value)
+        return grad_query, *_key_value_grads(ctx, grad_key, grad_value, key, value)
+    # Each pass finishes its heads' dK and dV: the results are made in the inputs' dtypes from the start.
+    grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+    for heads, kv_heads in _head_groups(plan.head_groups, query.size(1), key.size(1)):
+        tensors = (query[:, heads], key[:, kv_heads], value[:, kv_heads], grad_out[:, heads], out[:, heads],
+                   row_max[:, heads], row_log_sum[:, heads])
+        if key.dtype == dtype:  # float32 (or float64) inputs: accumulate in the results themselves
+            run_pass(plan, tensors, grad_query[:, heads], grad_key[:, kv_heads].zero_(), grad_value[:, kv_heads].zero_())
+            continue
+        accumulators = [torch.zeros(t[:, kv_heads].shape, dtype=dtype, device=t.device) for t in (key, value)]
+        run_pass(plan, tensors, grad_query[:, heads], *accumulators)
+        grad_key[:, kv_heads], grad_value[:, kv_heads] = accumulators
+        del accumulators  # before the next group's
+    return grad_query, grad_key, grad_value
+
+
 class _LocalAttention(torch.autograd.Function):
     """One rank (or no process group): the local kernel over the whole sequence, _LOCAL_BLOCK_ROWS query rows a call,
     so that the kernel's float32 outputs (out in forward, dQ in backward: two hidden states of a bf16 model a token)
     exist for one block at a time; keys and values are whole in every call."""
 
     @staticmethod
-    def _blocks(plan: _Plan) -> list[tuple[int, int, tuple[int, ...]]]:
-        length = plan.local_length
-        return [(start, min(start + _LOCAL_BLOCK_ROWS, length), (0,)) for start in range(0, length, _LOCAL_BLOCK_ROWS)]
+    def _blocks(plan: _Plan, rows: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        return [(start, stop, (0,)) for start, stop in plan.steps(rows)]
 
     @staticmethod
     @_without_autocast
@@ -369,44 +447,46 @@ class _LocalAttention(torch.autograd.Function):
         out = query.new_empty((b, s, h, d)).transpose(1, 2)
         row_max = torch.empty(query.shape[:3], dtype=accumulation_dtype(query.dtype), device=query.device)
         row_log_sum = torch.empty_like(row_max)
-        for start, stop, sources in _LocalAttention._blocks(plan):
+        for start, stop, sources in _LocalAttention._blocks(plan, _LOCAL_BLOCK_ROWS):
             part = plan.backend.forward(query[:, :, start:stop], key, value, masks.visibility(plan, (start, stop, sources)), plan.scale)
             out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = part
         ctx.plan, ctx.masks, ctx.leaf_inputs = plan, masks, (key.is_leaf, value.is_leaf)
-        ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
+        ctx.save_for_backward(_saved_query(query, plan), key, value, out, row_max, row_log_sum)
         return out
 
     @staticmethod
     @_not_twice_differentiable
     @_without_autocast
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        plan: _Plan = ctx.plan
-        query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
-        dtype = accumulation_dtype(query.dtype)
-        grad_query = torch.empty_like(query)
-        grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
-        grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
-        for start, stop, sources in _LocalAttention._blocks(plan):
-            rows = slice(start, stop)
-            grad_query[:, :, rows] = plan.backend.backward(
-                query[:, :, rows], key, value, grad_out[:, :, rows], row_max[:, :, rows].contiguous(),
-                row_log_sum[:, :, rows].contiguous(), _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype),
-                ctx.masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
-            )
-        return grad_query, *_key_value_grads(ctx, grad_key, grad_value, key, value), None, None
+        masks: _Masks = ctx.masks
+
+        def run_pass(plan: _Plan, tensors: tuple[Tensor, ...], grad_query: Tensor, grad_key: Tensor, grad_value: Tensor) -> None:
+            query, key, value, grad_out, out, row_max, row_log_sum = tensors
+            dtype = accumulation_dtype(query.dtype)
+            # A block of a head group's pass takes head_groups times the rows: the same bytes as one of all heads.
+            for start, stop, sources in _LocalAttention._blocks(plan, _LOCAL_BLOCK_ROWS * plan.head_groups):
+                rows = slice(start, stop)
+                grad_query[:, :, rows] = plan.backend.backward(
+                    _from_host(query[:, :, rows], grad_out.device), key, value, grad_out[:, :, rows],
+                    row_max[:, :, rows].contiguous(), row_log_sum[:, :, rows].contiguous(),
+                    _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype), masks.visibility(plan, (start, stop, sources)),
+                    plan.scale, grad_key, grad_value,
+                )
+
+        return *_backward_by_head_groups(ctx, grad_out, run_pass), None, None
 
 
 class _MQSPAttention(torch.autograd.Function):
     @staticmethod
-    def _steps(plan: _Plan) -> list[tuple[int, int]]:
-        """The micro-steps in the order forward and backward run them. Zigzag: first, last, second,
-        second to last, ... Under a causal mask a step of a rank's first chunk is cheap on the ranks
+    def _steps(plan: _Plan, rows: int) -> list[tuple[int, int]]:
+        """The micro-steps of ``rows`` local rows in the order forward and backward run them. Zigzag: first, last,
+        second, second to last, ... Under a causal mask a step of a rank's first chunk is cheap on the ranks
         that hold early chunks and dear on the others, and one of its second chunk the other way
         round; each rank can run about one step ahead of the slowest (the next step's gather is
         already issued), so alternating them makes every rank wait for the others about as long as
         it would for a balanced step, where running them in order made the ranks take turns being
         the bottleneck (1.2x the work of one rank at P=2). Only the order changes, not the results."""
-        steps = plan.steps()
+        steps = plan.steps(rows)
         if plan.layout != "zigzag":
             return steps
         return [steps[i // 2] if i % 2 == 0 else steps[-1 - i // 2] for i in range(len(steps))]
@@ -422,7 +502,7 @@ class _MQSPAttention(torch.autograd.Function):
         out = query.new_empty((b, query.size(2), h, d)).transpose(1, 2)
         row_max = torch.empty(query.shape[:3], dtype=dtype, device=query.device)
         row_log_sum = torch.empty_like(row_max)
-        steps = _MQSPAttention._steps(plan)
+        steps = _MQSPAttention._steps(plan, plan.micro_q_size)
 
         routes = [plan.route(start, stop) for start, stop in steps]
         # Only here: the backward's exchange would hold P-1 copies of its larger rows where its peak is.
@@ -451,27 +531,24 @@ class _MQSPAttention(torch.autograd.Function):
 
         _run_micro_steps(len(steps), gather, lambda arrive: _join_rows(arrive()), compute, finish)
         ctx.plan, ctx.masks, ctx.leaf_inputs = plan, masks, (key.is_leaf, value.is_leaf)
-        ctx.save_for_backward(query, key, value, out, row_max, row_log_sum)
+        ctx.save_for_backward(_saved_query(query, plan), key, value, out, row_max, row_log_sum)
         return out
 
     @staticmethod
     @_not_twice_differentiable
     @_without_autocast
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        plan: _Plan = ctx.plan
-        masks: _Masks = ctx.masks
-        query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
+        return *_backward_by_head_groups(ctx, grad_out, functools.partial(_MQSPAttention._backward_pass, ctx.masks)), None, None
+
+    @staticmethod
+    def _backward_pass(
+        masks: _Masks, plan: _Plan, tensors: tuple[Tensor, ...], grad_query: Tensor, grad_key: Tensor, grad_value: Tensor,
+    ) -> None:
+        """The backward's micro-steps over the heads of ``tensors``: fills grad_query, adds into grad_key and grad_value."""
+        query, key, value, grad_out, out, row_max, row_log_sum = tensors
         d = query.size(-1)
         dtype = accumulation_dtype(query.dtype)
-        # Each row's query gradient arrives once, summed over ranks in float32: it is stored in the input dtype
-        # straight away (the same single rounding as a float32 buffer cast at the end, without that buffer,
-        # two bf16 hidden states of memory at the end of a layer's backward). dK and dV add up over the
-        # steps: float32 accumulators.
-        grad_query = torch.empty_like(query)
-        grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
-        grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
-        steps = _MQSPAttention._steps(plan)
-
+        steps = _MQSPAttention._steps(plan, plan.backward_rows)
         routes = [plan.route(start, stop) for start, stop in steps]
 
         def gather(j: int) -> Callable[[], list[Tensor]]:
@@ -482,7 +559,8 @@ class _MQSPAttention(torch.autograd.Function):
             step_grad_out = grad_out[:, :, start:stop]
             delta = _row_dots(step_grad_out, out[:, :, start:stop], dtype)
             stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
-            rows = torch.cat([query[:, :, start:stop], step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
+            step_query = _from_host(query[:, :, start:stop], grad_out.device)
+            rows = torch.cat([step_query, step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
             return _share_rows(rows, routes[j], plan, "mqsp_attention: the backward gather of queries, output gradients, row statistics")
 
         def unpack(arrive: Callable[[], list[Tensor]]) -> tuple[Tensor, ...]:
@@ -522,7 +600,6 @@ class _MQSPAttention(torch.autograd.Function):
                 rows.copy_(returned.sum(dim=0))
 
         _run_micro_steps(len(steps), gather, unpack, compute, finish)
-        return grad_query, *_key_value_grads(ctx, grad_key, grad_value, key, value), None, None
 
 
 def _follow_autocast(*tensors: Any) -> tuple[Any, ...]:
@@ -552,6 +629,8 @@ def mqsp_attention(
     dropout_p: float = 0.0,
     micro_q_size: int | None = None,
     backend: str = "auto",
+    head_groups: int = 1,
+    offload_queries: bool = False,
 ) -> Tensor:
     """Exact softmax attention over a sequence whose tokens are split across ``group``.
 
@@ -579,6 +658,13 @@ def mqsp_attention(
         micro_q_size: local query rows per micro-step; None picks
             about 2048 gathered rows a step (fewer on short sequences), see :func:`auto_micro_q_size`.
         backend: local compute: ``"auto"``, ``"cpu_flash"``, ``"reference"`` or ``"triton"``.
+        head_groups: run the backward over the key/value heads in this many groups, one after
+            the other (it must divide H_kv): its float32 dK and dV accumulators then hold one
+            group's heads, 1/head_groups of them (8 KB a token of Llama-8B at 1, 1 KB at 8), for the
+            same bytes sent in head_groups times as many collectives. Not with ``dropout_p``.
+        offload_queries: keep the queries that backward needs in host memory from the end of
+            forward (pinned on CUDA), and copy each micro-step's rows back as backward gathers
+            them: one query tensor less on the device through backward (8 KB a token of Llama-8B).
 
     Under autocast the inputs are cast to the autocast dtype first, as
     ``scaled_dot_product_attention`` does.
@@ -595,7 +681,8 @@ def mqsp_attention(
     if membership_error is not None:
         raise ValueError(f"mqsp_attention: {membership_error}")
     query, key, value = _follow_autocast(query, key, value)
-    arguments = _Arguments(key_padding_mask, causal, window, document_ids, softcap, layout, scale, dropout_p, micro_q_size, backend)
+    arguments = _Arguments(key_padding_mask, causal, window, document_ids, softcap, layout, scale, dropout_p, micro_q_size, backend,
+                           head_groups, offload_queries)
     if comm.group_size(group) == 1:
         return _attend_locally(query, key, value, arguments)
     return _attend_across_ranks(query, key, value, group, arguments)
@@ -615,6 +702,8 @@ class _Arguments:
     dropout_p: float
     micro_q_size: int | None
     backend: str
+    head_groups: int
+    offload_queries: bool
 
 
 def _plan(
@@ -625,6 +714,7 @@ def _plan(
     error = local_input_error(
         query, key, value, key_padding_mask=a.key_padding_mask, document_ids=a.document_ids, causal=a.causal, window=a.window,
         softcap=a.softcap, layout=a.layout, scale=a.scale, dropout_p=a.dropout_p, micro_q_size=a.micro_q_size, backend=a.backend,
+        head_groups=a.head_groups, offload_queries=a.offload_queries,
     )
     if error is not None:
         return None, None, None, error
@@ -641,12 +731,12 @@ def _plan(
         group=group, world_size=world_size, rank=rank, backend=chosen, layout=a.layout, local_length=local_length,
         micro_q_size=a.micro_q_size or auto_micro_q_size(local_length, world_size), window=window,
         softcap=None if a.softcap is None else float(a.softcap), scale=float(a.scale) if a.scale is not None else query.size(-1) ** -0.5,
-        dropout_p=float(a.dropout_p),
+        dropout_p=float(a.dropout_p), head_groups=a.head_groups, offload_queries=a.offload_queries,
     )
     signature = Signature.of(
         query, key, layout=a.layout, window=(window.left, window.right), has_key_padding_mask=a.key_padding_mask is not None,
         has_document_ids=a.document_ids is not None, micro_q_size=plan.micro_q_size, backend=chosen.name, scale=plan.scale,
-        softcap=plan.softcap, dropout_p=plan.dropout_p,
+        softcap=plan.softcap, dropout_p=plan.dropout_p, head_groups=plan.head_groups,
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
     )
     return plan, masks, signature, None

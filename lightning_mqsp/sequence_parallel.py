@@ -63,6 +63,7 @@ class SequenceParallelism(ParallelStrategy):
         activation_checkpointing: bool,
         offload_activations: bool,
         mlp_tile_size: int | None,
+        attention_head_groups: int,
     ) -> None:
         check_layout(layout)
         if sequence_parallel_size is not None and sequence_parallel_size < 1:
@@ -74,7 +75,13 @@ class SequenceParallelism(ParallelStrategy):
         self._sequence_parallel_size = sequence_parallel_size
         self.sequence_parallel_timeout = sequence_parallel_timeout
         #: The one object that carries the sequence-parallel settings to every attention call.
-        self.sequence_parallel = SequenceParallelContext(layout=layout, micro_q_size=micro_q_size, backend=attention_backend)
+        if not (isinstance(attention_head_groups, int) and attention_head_groups >= 1):
+            raise ValueError(f"attention_head_groups must be a positive int, got {attention_head_groups!r}.")
+        # With offload, the attention keeps its queries in host memory through backward as well.
+        self.sequence_parallel = SequenceParallelContext(
+            layout=layout, micro_q_size=micro_q_size, backend=attention_backend, head_groups=attention_head_groups,
+            offload_queries=offload_activations,
+        )
         self.sequence_keys = tuple(sequence_keys)
         self.pad_token_id = pad_token_id
         self.shift_labels = shift_labels

@@ -45,9 +45,14 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
             keeping its activations (``gradient_checkpointing_enable``, non-reentrant).
         offload_activations: keep what the forward saves for backward (with activation
             checkpointing: the layers' input hidden states) in host memory, pinned on a GPU
-            (``torch.autograd.graph.save_on_cpu``), and bring it back in backward.
+            (``torch.autograd.graph.save_on_cpu``), and bring it back in backward; the attention keeps
+            its queries there through backward as well and copies back one micro-step's rows at a time
+            (``offload_queries`` of ``mqsp_attention``).
         mlp_tile_size: run every MLP and normalisation layer on this many tokens at a time, each tile recomputed in backward
             (:mod:`lightning_mqsp.tiling`), so that its wide intermediates never exist for the whole shard.
+        attention_head_groups: run the attention's backward over its key/value heads in this many groups, one
+            after the other (``head_groups`` of ``mqsp_attention``; it must divide the model's key/value heads):
+            the float32 dK/dV accumulators hold one group's heads at a time.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -67,10 +72,12 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
         mlp_tile_size: int | None = None,
+        attention_head_groups: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
+            attention_head_groups,
         )

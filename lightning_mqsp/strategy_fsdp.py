@@ -57,8 +57,11 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         sequence_parallel_timeout: seconds (or a ``timedelta``) a collective of a sequence-parallel
             group waits for a missing rank (default 600).
         activation_checkpointing: recompute every Hugging Face decoder layer in backward.
-        offload_activations: keep what the forward saves for backward in host memory.
+        offload_activations: keep what the forward saves for backward in host memory, and the attention's
+            queries through backward (``offload_queries`` of ``mqsp_attention``).
         mlp_tile_size: run every MLP and normalisation layer on this many tokens at a time, each tile recomputed in backward.
+        attention_head_groups: run the attention's backward over its key/value heads in this many groups
+            (``head_groups`` of ``mqsp_attention``): float32 dK/dV accumulators for one group at a time.
         mixed_precision: compute with bfloat16 parameters while the sharded master weights and the
             gradient reduction stay float32 (FSDP2 ``MixedPrecisionPolicy``).
         offload_parameters: keep the sharded parameters, their gradients and the optimizer state in host
@@ -86,6 +89,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
         mlp_tile_size: int | None = None,
+        attention_head_groups: int = 1,
         mixed_precision: bool = False,
         offload_parameters: bool = False,
         save_distributed_checkpoint: bool = True,
@@ -95,6 +99,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
+            attention_head_groups,
         )
         self.mixed_precision = mixed_precision
         self.offload_parameters = offload_parameters

@@ -64,12 +64,13 @@ class Signature:
     scale_bits: int
     softcap_bits: int
     dropout_p_bits: int
+    head_groups: int
 
     @staticmethod
     def of(
         query: Tensor, key: Tensor, *, layout: str, window: tuple[int | None, int | None], has_key_padding_mask: bool,
         has_document_ids: bool, micro_q_size: int, backend: str, needs_grad: bool, scale: float,
-        softcap: float | None, dropout_p: float,
+        softcap: float | None, dropout_p: float, head_groups: int,
     ) -> Signature:
         b, h, s, d = query.shape
         device_type = query.device.type if query.device.type in _DEVICE_TYPES else "other"
@@ -77,7 +78,7 @@ class Signature:
             b, h, key.size(1), s, d, _DTYPES.index(query.dtype), _DEVICE_TYPES.index(device_type), LAYOUTS.index(layout),
             -1 if window[0] is None else window[0], -1 if window[1] is None else window[1],
             int(has_key_padding_mask), int(has_document_ids), micro_q_size, available_backends().index(backend),
-            int(needs_grad), _float_bits(scale), _float_bits(softcap), _float_bits(dropout_p),
+            int(needs_grad), _float_bits(scale), _float_bits(softcap), _float_bits(dropout_p), head_groups,
         )
 
 
@@ -167,21 +168,36 @@ def _settings_error(
     return None
 
 
+def _backward_memory_error(key: Tensor, *, head_groups: object, offload_queries: object, dropout_p: object) -> str | None:
+    kv_heads = key.size(1)
+    if not (_is_int(head_groups) and head_groups >= 1 and kv_heads % head_groups == 0):  # type: ignore[operator]
+        divisors = [g for g in range(1, kv_heads + 1) if kv_heads % g == 0]
+        return f"head_groups must be a positive int that divides the {kv_heads} key/value heads (one of {divisors}), got {head_groups!r}."
+    if head_groups != 1 and dropout_p:
+        return (f"head_groups={head_groups} cannot be combined with attention dropout (dropout_p={dropout_p}): its mask is drawn "
+                "per head of the whole call; use head_groups=1 or dropout_p=0.0.")
+    if not isinstance(offload_queries, bool):
+        return f"offload_queries must be a bool, got {offload_queries!r}."
+    return None
+
+
 def local_input_error(
     query: object, key: object, value: object, *, key_padding_mask: object, document_ids: object, causal: object,
     window: object, softcap: object, layout: object, scale: object, dropout_p: object, micro_q_size: object, backend: object,
+    head_groups: object = 1, offload_queries: object = False,
 ) -> str | None:
     """What is wrong with this rank's arguments, or None. Never raises: the answer must reach the exchange."""
     try:
         error = _tensor_error(query, key, value)
         if error is not None:
             return error
-        assert isinstance(query, Tensor)
+        assert isinstance(query, Tensor) and isinstance(key, Tensor)
         for name, t, integer in (("key_padding_mask", key_padding_mask, False), ("document_ids", document_ids, True)):
             if t is not None and (error := _per_token_error(name, t, query, integer)) is not None:
                 return error
         return _settings_error(query, causal=causal, window=window, softcap=softcap, layout=layout, scale=scale,
-                               dropout_p=dropout_p, micro_q_size=micro_q_size, backend=backend)
+                               dropout_p=dropout_p, micro_q_size=micro_q_size, backend=backend) or _backward_memory_error(
+            key, head_groups=head_groups, offload_queries=offload_queries, dropout_p=dropout_p)
     except Exception as error:  # noqa: BLE001 - any argument that breaks a check is an invalid argument
         return f"invalid arguments ({type(error).__name__}: {error})."
 

@@ -38,12 +38,15 @@ class Case:
     batch: int = 2
     length: int = 64
     head_dim: int = 16
+    head_groups: int = 1
+    offload_queries: bool = False
 
     def __str__(self) -> str:
         parts = [f"P{self.world_size}", "causal" if self.causal else "full", self.layout, self.padding,
                  f"H{self.heads}/{self.kv_heads}", f"c{self.micro_q_size}", str(self.dtype).split(".")[-1], self.backend]
         extras = [f"window{self.window}" if self.window else "", "documents" if self.documents else "",
-                  f"softcap{self.softcap}" if self.softcap else ""]
+                  f"softcap{self.softcap}" if self.softcap else "", f"groups{self.head_groups}" if self.head_groups > 1 else "",
+                  "offload" if self.offload_queries else ""]
         return "-".join(parts + [e for e in extras if e])
 
 
@@ -94,6 +97,7 @@ def run_case(case: Case) -> dict[str, float]:
     out = mqsp_attention(
         q, k, v, key_padding_mask=shard.get("mask"), causal=case.causal, layout=case.layout, window=case.window,
         document_ids=shard.get("documents"), softcap=case.softcap, micro_q_size=case.micro_q_size, backend=case.backend,
+        head_groups=case.head_groups, offload_queries=case.offload_queries,
     )
     out.backward(shard["dout"])
     actual = {"out": out, "dq": q.grad, "dk": k.grad, "dv": v.grad}
@@ -139,6 +143,13 @@ CASES = [
     Case(4, causal=True, layout="zigzag", window=(13, None), documents=True, padding="random", micro_q_size=5),
     # Rank 0's keys see the second-chunk rows of ranks 0, 2 and 3 but not 1's: a route with a gap.
     Case(4, causal=True, layout="zigzag", window=(40, None), micro_q_size=3, backend="reference"),
+    # The backward over groups of heads (float32 accumulating in place, bf16 through group accumulators), queries offloaded.
+    Case(1, causal=True, heads=4, kv_heads=2, head_groups=2, offload_queries=True, padding="random", dtype=torch.bfloat16),
+    Case(1, window=(6, 2), heads=4, kv_heads=4, head_groups=4, documents=True),
+    Case(2, causal=True, layout="zigzag", heads=4, kv_heads=2, head_groups=2, padding="random", micro_q_size=5),
+    Case(2, heads=4, kv_heads=4, head_groups=4, offload_queries=True, dtype=torch.bfloat16, micro_q_size=7),
+    Case(2, causal=True, heads=4, kv_heads=2, head_groups=2, offload_queries=True, backend="reference", micro_q_size=6),
+    Case(4, causal=True, layout="zigzag", heads=4, kv_heads=2, head_groups=2, documents=True, offload_queries=True, micro_q_size=3),
 ]
 
 
@@ -216,7 +227,7 @@ def test_counted_bytes_match_the_analytic_formula(workers, world_size: int, back
     for rank, (first, repeated, expected_first, expected) in enumerate(workers(world_size).run(count_bytes, case, backward)):
         assert repeated == expected  # a repeated signature sends no check
         assert first == expected_first
-        assert first["all_gather"] == expected.get("all_gather", 0) + (world_size - 1) * 19 * 8  # one int64 row of metadata
+        assert first["all_gather"] == expected.get("all_gather", 0) + (world_size - 1) * 20 * 8  # one int64 row of metadata
         # Written out from the algorithm (causal, contiguous): rank r's rows are seen by the keys of ranks 0..r
         # and its keys see the rows of ranks r..P-1; nothing travels between the other pairs. Forward sends
         # its l local queries (fp32, D=16) to each rank that sees them and returns partial outputs plus two
@@ -555,3 +566,66 @@ def test_a_leaf_keys_gradient_owns_storage_of_its_own_size() -> None:
     out = mqsp_attention(q, k * 1, v * 1, causal=True)  # not leaves: narrowed in place, values the same
     grads = torch.autograd.grad(out.sum(), (k, v))
     assert all(torch.equal(g, leaf.grad) for g, leaf in zip(grads, (k, v)))
+
+
+def backward_peak(head_groups: int) -> int:
+    """MemTracker's peak of a bf16 forward and backward at P=1, 8 query and 4 key/value heads, 2048 tokens."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    q, dout = (torch.randn(1, 8, 2048, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(1, 4, 2048, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    tracker = MemTracker()
+    tracker.track_external(q, k, v, dout)
+    with tracker:
+        mqsp_attention(q, k, v * 1, causal=True, head_groups=head_groups).backward(dout.detach())
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+def test_head_groups_keep_float32_key_value_accumulators_for_one_group_at_a_time() -> None:
+    """Grouped, dK and dV are made in bf16 from the start and float32 exists for one group's heads: at least the
+    difference of those to the whole float32 accumulators is saved (the kernel's float32 dQ shrinks as well)."""
+    key_value_fp32 = 2 * 4 * 2048 * 64 * 4
+    saved_at_least = key_value_fp32 - key_value_fp32 // 2 - key_value_fp32 // 4
+    assert backward_peak(4) <= backward_peak(1) - saved_at_least
+
+
+def offloaded_query_reads(head_groups: int) -> tuple[bool, bool, list[int]]:
+    """With offload_queries: whether the query itself, and its host copy, are saved for backward, and the rows of each
+    read of the copy in backward (24 tokens, micro_q_size 4). _to_host is replaced by a clone (on the CPU it is the tensor)."""
+    copies: list[torch.Tensor] = []
+    reads: list[int] = []
+    to_host, from_host = attention._to_host, attention._from_host
+
+    def cloned(x: torch.Tensor) -> torch.Tensor:
+        copies.append(x.clone())
+        return copies[-1]
+
+    def read(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        assert x.untyped_storage().data_ptr() == copies[-1].untyped_storage().data_ptr(), "backward read the device query"
+        reads.append(x.size(2))
+        return from_host(x, device)
+
+    attention._to_host, attention._from_host = cloned, read
+    saved: list[torch.Tensor] = []
+    try:
+        q, k, v = (torch.randn(1, 4, 24, 8, requires_grad=True) for _ in range(3))
+        query = q * 1  # not a leaf: what the model's RoPE hands over
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = mqsp_attention(query, k[:, :2], v[:, :2], causal=True, micro_q_size=4, offload_queries=True,
+                                 head_groups=head_groups)
+        out.sum().backward()
+    finally:
+        attention._to_host, attention._from_host = to_host, from_host
+    return any(t is query for t in saved), any(t is copies[-1] for t in saved), reads
+
+
+@pytest.mark.parametrize("head_groups", [1, 2])
+def test_offloaded_queries_are_saved_as_their_host_copy_and_read_a_step_at_a_time(workers, head_groups: int) -> None:
+    """The forward saves the host copy, not the query; backward copies back one micro-step's rows (a block of rows on
+    one rank) at a time, every row once per group of heads. Values: the head-group cases of CASES."""
+    saves_query, saves_copy, reads = offloaded_query_reads(head_groups)
+    assert not saves_query and saves_copy and reads == [24] * head_groups  # one rank: one block of rows per group
+    for saves_query, saves_copy, reads in workers(2).run(offloaded_query_reads, head_groups):
+        assert not saves_query and saves_copy
+        assert sum(reads) == head_groups * 24 and max(reads) == 4 * head_groups  # a step: 4 rows x the groups

@@ -79,12 +79,14 @@ def test_two_layer_extrapolation_matches_a_deeper_fake_run() -> None:
         assert shallow + 3 * (two - shallow) == estimate_training_step(deeper).peak_bytes
 
 
-@pytest.mark.parametrize("recipe", ["checkpointed", "full"])
-def test_recipe_extrapolation_matches_a_deeper_fake_run(recipe: str) -> None:
-    """llama-8b's recipes at L = 262,144 over 8 ranks: the depth extrapolation from RECIPE_PROBE_LAYERS against an
-    8-layer fake run (from (1, 2) layers, a layer's recompute and the embedding and head gradients overlap
-    differently, and the extrapolated peak came out 26% too high at this depth)."""
-    setup = Setup("llama-8b", "mqsp", 262144, 8, recipe=recipe, attention_backend="triton", optimizer_foreach=False,
+@pytest.mark.parametrize("recipe, length", [("checkpointed", 262144), ("full", 1048576)])
+def test_recipe_extrapolation_matches_a_deeper_fake_run(recipe: str, length: int) -> None:
+    """llama-8b's recipes over 8 ranks: the depth extrapolation from RECIPE_PROBE_LAYERS against an 8-layer fake run
+    (from (1, 2) layers, a layer's recompute and the embedding and head gradients overlap differently, and the
+    extrapolated peak came out 26% too high at this depth). The full recipe at a length where its peak is in a
+    layer's backward, as at the lengths the searches find: at 262,144 it moves to the end of backward from 6 layers
+    on (RECIPE_CHECK_LAYERS, which each search checks)."""
+    setup = Setup("llama-8b", "mqsp", length, 8, recipe=recipe, attention_backend="triton", optimizer_foreach=False,
                   num_layers=8)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Module is None")
@@ -125,16 +127,10 @@ def test_parameters_in_host_memory_leave_the_device(world_size: int) -> None:
     assert on_host.host_peak_bytes - full.host_peak_bytes >= 4 * shard_bytes
 
 
-class _CopiesOnHost:
+class _CopiesOnHost(estimate_memory._HostMemory):
     """What ``torch.autograd.graph.save_on_cpu`` does on a GPU, on this CPU: every saved tensor copied into a new
     host tensor of its own size (on a CPU, ``save_on_cpu`` keeps the tensor itself), the copies' live bytes followed
-    until backward frees them."""
-
-    def __init__(self) -> None:
-        self.bytes = self.peak_bytes = 0
-
-    def _freed(self, nbytes: int) -> None:
-        self.bytes -= nbytes
+    until backward frees them. The attention's offloaded queries are counted as the estimate counts them."""
 
     def offload(self) -> Any:
         def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
@@ -142,7 +138,7 @@ class _CopiesOnHost:
             nbytes = copy.untyped_storage().nbytes()
             self.bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.bytes)
-            weakref.finalize(copy, self._freed, nbytes)
+            weakref.finalize(copy, self._release, nbytes)
             return tensor.device, copy
 
         def unpack(packed: tuple[torch.device, torch.Tensor]) -> torch.Tensor:

@@ -69,6 +69,14 @@ def _call(problem: str) -> str:
         kwargs["window"] = (4, 4) if rank == 0 else (5, 5)
     elif problem == "unsharded_query" and rank == 0:  # rank 0 passes the whole sequence
         q = torch.cat([q, q], dim=2)
+    elif problem == "head_groups_not_dividing" and one_rank:
+        kwargs["head_groups"] = 3
+    elif problem == "head_groups_with_dropout":
+        kwargs.update(head_groups=2, dropout_p=0.1)
+    elif problem == "head_groups_differ_across_ranks":
+        kwargs["head_groups"] = 1 if rank == 0 else 2
+    elif problem == "offload_queries_not_bool" and one_rank:
+        kwargs["offload_queries"] = "yes"
     try:
         mqsp_attention(q, k, v, **kwargs)
     except ValueError as error:
@@ -102,6 +110,10 @@ PROBLEMS = {
     "causal_differs_across_ranks": "`window_right` differs",
     "window_differs_across_ranks": "`window_left` differs",
     "unsharded_query": "do not match query",
+    "head_groups_not_dividing": "head_groups must be a positive int that divides the 4 key/value heads (one of [1, 2, 4])",
+    "head_groups_with_dropout": "cannot be combined with attention dropout",
+    "head_groups_differ_across_ranks": "`head_groups` differs",
+    "offload_queries_not_bool": "offload_queries must be a bool",
 }
 
 

@@ -22,10 +22,11 @@ SHARD_BUFFERS_AT_PEAK = 8
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup | None, causal: bool = False, micro_q_size: int | None = None,
-    *, causal_layout: Layout = "zigzag", backend: str = "cpu_flash",
+    *, causal_layout: Layout = "zigzag", backend: str = "cpu_flash", head_groups: int = 1, offload_queries: bool = False,
 ) -> Tensor:
     layout = causal_layout if causal else "contiguous"
-    return mqsp_attention(q, k, v, group=group, causal=causal, layout=layout, micro_q_size=micro_q_size, backend=backend)
+    return mqsp_attention(q, k, v, group=group, causal=causal, layout=layout, micro_q_size=micro_q_size, backend=backend,
+                          head_groups=head_groups, offload_queries=offload_queries)
 
 
 def communication_bytes(shape: Shape, causal_layout: Layout = "zigzag", rank: int = 0) -> dict[str, int]:

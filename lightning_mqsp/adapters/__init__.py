@@ -34,13 +34,15 @@ from lightning_mqsp.layout import Layout, global_positions
 class SequenceParallelContext:
     """The sequence-parallel settings and state that travel from the strategy to every attention call.
 
-    The strategy builds it from its arguments (``layout``, ``micro_q_size``, ``backend``) and fills in
-    the group at setup; adapters read it, and nothing else carries these settings.
+    The strategy builds it from its arguments (``layout``, ``micro_q_size``, ``backend``, ``head_groups``,
+    ``offload_queries``) and fills in the group at setup; adapters read it, and nothing else carries these settings.
     """
 
     layout: Layout = "zigzag"
     micro_q_size: int | None = None
     backend: str = "auto"
+    head_groups: int = 1
+    offload_queries: bool = False
     group: ProcessGroup | None = None
     rank: int = 0
     world_size: int = 1
@@ -63,7 +65,7 @@ class SequenceParallelContext:
         return mqsp_attention(
             query, key, value, group=self.group, key_padding_mask=key_padding_mask, causal=causal, window=window,
             document_ids=document_ids, softcap=softcap, layout=self.layout, scale=scale, dropout_p=dropout_p,
-            micro_q_size=self.micro_q_size, backend=self.backend,
+            micro_q_size=self.micro_q_size, backend=self.backend, head_groups=self.head_groups, offload_queries=self.offload_queries,
         )
 
     def positions(self, local_length: int, device: torch.device | str = "cpu") -> Tensor:

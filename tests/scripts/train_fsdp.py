@@ -4,7 +4,8 @@
         [--offload-parameters] [--mixed-precision] [--shard-itself] [--reference]
 
 MQSPFSDPStrategy (FSDP2 over all ranks) with activation checkpointing of every decoder layer, the
-checkpointed hidden states offloaded to host memory, MLPs and norms in tiles of 5 tokens, and the chunked causal-LM loss computed from
+checkpointed hidden states and the attention's queries offloaded to host memory, the attention's backward over its two key/value
+heads one at a time, MLPs and norms in tiles of 5 tokens, and the chunked causal-LM loss computed from
 the final hidden states and the output head, on a tiny Llama over packed documents. Rank 0 writes
 OUT_DIR/result.pt: losses per step, the first step's (full) gradients, the final (full) parameters,
 and, with --reference, the single-process run's.
@@ -119,6 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     strategy = MQSPFSDPStrategy(sequence_parallel_size=args.sp, activation_checkpointing=True, offload_activations=True, mlp_tile_size=5,
+                                attention_head_groups=2,
                                 save_distributed_checkpoint=not args.full_checkpoint, mixed_precision=args.mixed_precision,
                                 offload_parameters=args.offload_parameters)
     recorder = Recorder()
