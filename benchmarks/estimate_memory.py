@@ -139,13 +139,14 @@ MODELS: dict[str, Callable[[int], PretrainedConfig]] = {
 }
 #: Training recipes, each adding to the one before: replicated parameters (DDP); parameters, gradients and AdamW
 #: state sharded over the P ranks (MQSPFSDPStrategy); activation checkpointing of every decoder layer; the kept
-#: hidden states offloaded to host memory, the loss computed in chunks and the MLPs and norms in tiles (the full recipe);
-#: and the sharded parameters, their gradients and AdamW state in host memory too (``offload_parameters=True``).
+#: hidden states and the attention's queries offloaded to host memory, the attention's backward one key/value head at a
+#: time, the loss computed in chunks and the MLPs and norms in tiles (the full recipe); and the sharded parameters, their
+#: gradients and AdamW state in host memory too (``offload_parameters=True``).
 RECIPES = ("ddp", "sharded", "checkpointed", "full", "host_parameters")
 RECIPE_LABELS = {
     "ddp": "MQSP, DDP (replicated parameters)", "sharded": "MQSP + FSDP2 sharding",
     "checkpointed": "MQSP + sharding + activation checkpointing",
-    "full": "MQSP full recipe (sharding, checkpointing, offload, chunked loss, tiled MLP and norms)",
+    "full": "MQSP full recipe (sharding, checkpointing, offload, attention by head group, chunked loss, tiled MLP and norms)",
     "host_parameters": "MQSP full recipe + parameters, gradients and AdamW state in host memory (`offload_parameters`)",
 }
 #: The recipes that keep what the forward saves in host memory, and compute the loss and MLPs in pieces.
@@ -803,6 +804,9 @@ def recipe_markdown(results: dict[str, Any]) -> str:
                   "| device peak (GB) | " + fitted(lambda row: f"{row['peak_bytes'] / GB:.1f}") + " |",
                   "| host memory per rank (GB) | " + fitted(lambda row: f"{row['host_bytes'] / GB:.1f}") + " |",
                   "| attention's share of the device peak | " + fitted(lambda row: f"{100 * row['attention_share']:.1f}%") + " |",
+                  f"| a {RECIPE_CHECK_LAYERS}-layer fake run against the line through {RECIPE_PROBE_LAYERS[0]} and "
+                  f"{RECIPE_PROBE_LAYERS[1]} layers | "
+                  + fitted(lambda row: f"{100 * row['depth_check']:+.2f}%" if "depth_check" in row else "not checked") + " |",
                   "| length / ALST's | " + " | ".join(f"{row['length'] / ALST_PUBLISHED[p]:.2f}x" if row["length"] else "-"
                                                      for p, row in zip(RECIPE_WORLD_SIZES, rows)) + " |"]
     commits = sorted({row.get("commit", "unrecorded") for by_p in table.values() for row in by_p.values()})

@@ -16,7 +16,9 @@ failure in one is recorded and the others still run:
 3. one simulated rank of P = 8 at S = 16384, zigzag layout: its gathered rows (8 segments of c
    rows a micro-step, positions as mqsp_attention gives them) against its S/8 local keys, micro-step
    by micro-step, forward and backward, in total against flash SDPA's S^2 / 8 share;
-4. the autotune configs the kernels picked, the device, torch and triton versions, the date.
+4. the autotune configs the kernels picked, the device, torch and triton versions, the date;
+5. ``offload_queries`` with ``head_groups=2`` against the plain call at P = 1 (S = 16384, D = 128, 8
+   query and 2 key/value heads): the same values, and each backward's time and peak of allocated device memory.
 
 FLOPs: forward 4 B H S^2 D (halved when causal), forward+backward 3.5 times that. Goals:
 Triton forward+backward >= 0.8x flash at S = 16k (D 64 and 128, causal and not), mqsp_attention
@@ -169,6 +171,41 @@ def check_correctness(sizes: Sizes) -> list[dict[str, object]]:
         rows.append({**asdict(case), "dtype": str(dtype).split(".")[-1], "errors": errors, "passed": passed})
         log(f"  {case}: worst relative error {max(errors.values()):.1e} {'ok' if passed else 'FAILED'}")
     return rows
+
+
+def check_offload(sizes: Sizes) -> dict[str, object]:
+    """One rank of mqsp_attention with the queries in host memory and the backward over 2 groups of key/value heads,
+    against the plain call on the same inputs (Llama-8B's head shape, 8 of its query heads): the largest difference
+    of out, dq, dk, dv, and on a GPU each call's peak of allocated device memory from the forward's end to backward's."""
+    length = max(sizes.seq_lengths)
+    g = torch.Generator().manual_seed(0)
+
+    def randn(heads: int) -> Tensor:  # sequence-major, as a model's projections hand them over
+        return torch.randn(1, length, heads, 128, generator=g).to(sizes.timed_dtype).to(sizes.device).transpose(1, 2)
+
+    q, dout, k, v = randn(8), randn(8), randn(2), randn(2)
+    results: dict[str, dict[str, Tensor]] = {}
+    peaks: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for name, options in (("plain", {}), ("offloaded", {"offload_queries": True, "head_groups": 2})) * 2:  # the first: warm-up
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        query = leaves[0] * 1  # not a leaf, as a model's RoPE output: only attention keeps it
+        out = mqsp_attention(query, leaves[1], leaves[2], causal=True, backend="triton", **options)
+        del query
+        if sizes.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        out.backward(dout)
+        if sizes.device == "cuda":
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated()
+        seconds[name] = time.perf_counter() - started
+        results[name] = {"out": out.detach(), **{f"d{n}": t.grad for n, t in zip("qkv", leaves)}}
+    differences = {n: (results["plain"][n].float() - results["offloaded"][n].float()).abs().max().item() for n in results["plain"]}
+    log(f"  offloaded queries, 2 head groups, L={length}: largest difference {max(differences.values()):.1e}, "
+        f"backward peaks {peaks or 'not measured (CPU)'}, backward seconds {seconds}")
+    return {"length": length, "differences": differences, "backward_peak_bytes": peaks, "backward_seconds": seconds}
 
 
 def time_ms(fn: Callable[[], object], device: str) -> float:
@@ -392,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ("one_rank_of_8", lambda: time_one_rank_of_many(sizes, deadline),
          lambda rows: report["timings"].update(one_rank_of_8=rows)),  # type: ignore[union-attr]
         ("best_configs", best_configs, lambda configs: report.update(best_configs=configs)),
+        ("offload", lambda: check_offload(sizes), lambda result: report.update(offload=result)),
     ]
     for name, run, store in sections:
         log(f"[{time.monotonic() - start:6.1f} s] {name}")

@@ -1,6 +1,7 @@
 """Llama at long context with the full recipe: parameters, gradients and AdamW state sharded by FSDP2 over
 every rank (``MQSPFSDPStrategy``), MQSP attention over the sequence split across the ranks of a node,
-activation checkpointing of every decoder layer with the kept hidden states offloaded to host memory,
+activation checkpointing of every decoder layer with the kept hidden states (and attention's queries, through
+backward) offloaded to host memory, the attention's backward one group of key/value heads at a time,
 and the causal-LM loss computed from the hidden states in chunks (the [tokens, vocabulary] logits never
 exist whole), on packed documents.
 
@@ -13,6 +14,7 @@ Llama-3.1-8B's shape (config built locally, no download) on a node of 8 GPUs, 12
     python examples/llama_long.py fit --config examples/configs/llama_long.yaml --model.preset=llama-8b \\
         --trainer.accelerator=gpu --trainer.devices=8 --trainer.precision=bf16-mixed \\
         --trainer.strategy.init_args.sequence_parallel_size=8 --trainer.strategy.init_args.mixed_precision=true \\
+        --trainer.strategy.init_args.attention_head_groups=8 \\
         --data.seq_len=131072 --data.tokenizer=<a hub name or path, e.g. your Llama 3 tokenizer>
 
 On one 80 GB GPU, with the parameters, gradients and AdamW state in host memory too (``docs/scaling.md``):
@@ -20,7 +22,8 @@ On one 80 GB GPU, with the parameters, gradients and AdamW state in host memory 
     python examples/llama_long.py fit --config examples/configs/llama_long.yaml --model.preset=llama-8b \\
         --trainer.accelerator=gpu --trainer.devices=1 --trainer.precision=bf16-mixed \\
         --trainer.strategy.init_args.sequence_parallel_size=1 --trainer.strategy.init_args.mixed_precision=true \\
-        --trainer.strategy.init_args.offload_parameters=true --data.seq_len=131072 --data.tokenizer=<...>
+        --trainer.strategy.init_args.offload_parameters=true --trainer.strategy.init_args.attention_head_groups=8 \\
+        --data.seq_len=131072 --data.tokenizer=<...>
 
 ``--model.pretrained=<hub name or path>`` starts from a checkpoint instead of random weights. Over
 several nodes, start the same command with Lightning's launchers (``--trainer.num_nodes``, torchrun or

@@ -377,7 +377,13 @@ def _to_host(x: Tensor) -> Tensor:
 
 
 def _from_host(x: Tensor, device: torch.device) -> Tensor:
-    """Rows of a :func:`_to_host` copy on ``device`` (``x`` itself when it is there)."""
+    """Rows of a :func:`_to_host` copy on ``device`` (``x`` itself when it is there). The rows of a group of heads lie
+    strided in the copy: they go through a pinned staging copy first, as a strided source would otherwise be staged
+    in pageable memory, which makes the copy to the device synchronous."""
+    if x.device == device:
+        return x
+    if x.is_pinned() and not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
+        x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
     return x.to(device, non_blocking=True)
 
 

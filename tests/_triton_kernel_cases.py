@@ -419,3 +419,4 @@ def test_gpu_check_runs_end_to_end_on_tiny_shapes(tmp_path: Path) -> None:
     assert not written["errors"], written["errors"]
     assert written["correctness"] and all(row["passed"] for row in written["correctness"])
     assert {"kernels", "mqsp", "one_rank_of_8"} <= set(written["timings"])
+    assert written["offload"]["differences"] and max(written["offload"]["differences"].values()) <= 1e-2
