@@ -804,7 +804,7 @@ def recipe_markdown(results: dict[str, Any]) -> str:
                   "| device peak (GB) | " + fitted(lambda row: f"{row['peak_bytes'] / GB:.1f}") + " |",
                   "| host memory per rank (GB) | " + fitted(lambda row: f"{row['host_bytes'] / GB:.1f}") + " |",
                   "| attention's share of the device peak | " + fitted(lambda row: f"{100 * row['attention_share']:.1f}%") + " |",
-                  f"| a {RECIPE_CHECK_LAYERS}-layer fake run against the line through {RECIPE_PROBE_LAYERS[0]} and "
+                  f"| fake run of {RECIPE_CHECK_LAYERS} layers against the line through {RECIPE_PROBE_LAYERS[0]} and "
                   f"{RECIPE_PROBE_LAYERS[1]} layers | "
                   + fitted(lambda row: f"{100 * row['depth_check']:+.2f}%" if "depth_check" in row else "not checked") + " |",
                   "| length / ALST's | " + " | ".join(f"{row['length'] / ALST_PUBLISHED[p]:.2f}x" if row["length"] else "-"
