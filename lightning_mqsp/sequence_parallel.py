@@ -75,7 +75,7 @@ class SequenceParallelism(ParallelStrategy):
         self._sequence_parallel_size = sequence_parallel_size
         self.sequence_parallel_timeout = sequence_parallel_timeout
         #: The one object that carries the sequence-parallel settings to every attention call.
-        if not (isinstance(attention_head_groups, int) and attention_head_groups >= 1):
+        if isinstance(attention_head_groups, bool) or not (isinstance(attention_head_groups, int) and attention_head_groups >= 1):
             raise ValueError(f"attention_head_groups must be a positive int, got {attention_head_groups!r}.")
         # With offload, the attention keeps its queries in host memory through backward as well.
         self.sequence_parallel = SequenceParallelContext(

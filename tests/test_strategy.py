@@ -285,3 +285,17 @@ def test_two_nodes_keep_sequence_parallelism_inside_a_node(references: dict, tmp
     assert [groups[r]["sequence_parallel"] for r in range(4)] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [groups[r]["data_parallel"] for r in range(4)] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert result["loss"] == pytest.approx(references["bert"]["losses"][1], rel=RTOL)
+
+
+@pytest.mark.parametrize("groups", [0, 1.5, True])
+def test_bad_attention_head_groups_fail_at_construction(groups: object) -> None:
+    """A head-group count that does not divide a layer's key/value heads is refused by the attention on every rank
+    (tests/test_validation.py); what is not a positive int is refused here, before any rank starts."""
+    with pytest.raises(ValueError, match="attention_head_groups must be a positive int"):
+        MQSPStrategy(attention_head_groups=groups)  # type: ignore[arg-type]
+
+
+def test_the_strategy_hands_head_groups_and_query_offload_to_the_attention() -> None:
+    context = MQSPStrategy(attention_head_groups=2, offload_activations=True).sequence_parallel
+    assert (context.head_groups, context.offload_queries) == (2, True)
+    assert (MQSPStrategy().sequence_parallel.head_groups, MQSPStrategy().sequence_parallel.offload_queries) == (1, False)
