@@ -53,7 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_mqsp import mqsp_attention
 from lightning_mqsp.attention import auto_micro_q_size
 from lightning_mqsp.backends import get_backend
-from lightning_mqsp.layout import all_positions, position_runs, slice_runs
+from lightning_mqsp.layout import position_runs, run_positions, slice_runs
 from lightning_mqsp.merge import Partial
 from lightning_mqsp.visibility import Visibility, Window
 
@@ -316,13 +316,13 @@ def simulated_rank_steps(sizes: Sizes, rank: int, causal: bool) -> list[Visibili
     rows [start, stop) gathered rank after rank (one ascending segment each) against this rank's keys."""
     ranks, local = sizes.ranks, sizes.simulated_length // sizes.ranks
     c = sizes.micro_q_size or auto_micro_q_size(local, ranks)
-    positions = all_positions(local, ranks, "zigzag", sizes.device)
     runs = [position_runs(local, r, ranks, "zigzag") for r in range(ranks)]
+    key_positions = run_positions(runs[rank], sizes.device)
     steps = []
     for start in range(0, local, c):
         stop = min(start + c, local)
         gathered_runs = tuple(run for r in range(ranks) for run in slice_runs(runs[r], start, stop, r * (stop - start)))
-        steps.append(Visibility(positions[:, start:stop].reshape(-1), positions[rank], gathered_runs, runs[rank],
+        steps.append(Visibility(run_positions(gathered_runs, sizes.device), key_positions, gathered_runs, runs[rank],
                                 query_segments=ranks, window=Window.of(causal, None)))
     return steps
 

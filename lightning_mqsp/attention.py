@@ -28,7 +28,7 @@ from lightning_mqsp import comm, merge
 from lightning_mqsp.backends import LocalAttentionBackend, accumulation_dtype, resolve_backend
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.dropout import draw_seed
-from lightning_mqsp.layout import Layout, Run, all_positions, position_runs, slice_runs
+from lightning_mqsp.layout import Layout, Run, position_runs, run_positions, slice_runs
 from lightning_mqsp.validation import FIELDS as SIGNATURE_FIELDS
 from lightning_mqsp.validation import Signature, check_across_ranks, group_membership_error, local_input_error
 from lightning_mqsp.visibility import Visibility, Window
@@ -144,6 +144,7 @@ class _Plan:
     group: ProcessGroup | None
     world_size: int
     rank: int
+    device: torch.device
     backend: LocalAttentionBackend
     layout: Layout
     local_length: int
@@ -177,10 +178,11 @@ class _Plan:
 
 @dataclass(frozen=True)
 class _Masks:
-    """The tensors that say what is visible: positions [P, l], this rank's key padding [B, l], every
-    rank's document ids [P, B, l], the group's dropout seed."""
+    """The tensors that say what is visible: this rank's key padding [B, l], every rank's document ids [P, B, l],
+    the group's dropout seed. Positions are not among them: a step's are made from the plan's runs when it runs, as
+    every rank's [P, l] would be 8 bytes a token of the whole sequence, kept per layer until its backward (7 GB of a
+    Llama-8B step at L = 28M, P = 32)."""
 
-    positions: Tensor
     key_padding_mask: Tensor | None
     documents: Tensor | None
     dropout_seed: Tensor | None
@@ -193,10 +195,10 @@ class _Masks:
         if self.documents is not None:
             documents = _of_ranks(self.documents, sources)[:, :, start:stop]
             query_documents = documents.movedim(0, 1).reshape(self.documents.size(1), -1)
+        query_runs, key_runs = plan.gathered_runs(start, stop, sources), plan.runs(plan.rank)
         return Visibility(
-            query_positions=_of_ranks(self.positions, sources)[:, start:stop].reshape(-1), key_positions=self.positions[plan.rank],
-            query_runs=plan.gathered_runs(start, stop, sources), key_runs=plan.runs(plan.rank), query_segments=len(sources),
-            window=plan.window,
+            query_positions=run_positions(query_runs, plan.device), key_positions=run_positions(key_runs, plan.device),
+            query_runs=query_runs, key_runs=key_runs, query_segments=len(sources), window=plan.window,
             key_padding_mask=self.key_padding_mask, query_documents=query_documents, key_documents=key_documents,
             softcap=plan.softcap, dropout_p=plan.dropout_p, dropout_seed=self.dropout_seed,
         )
@@ -725,16 +727,18 @@ def _plan(
     if error is not None:
         return None, None, None, error
     local_length = query.size(2)
-    masks = _Masks(all_positions(local_length, world_size, a.layout, query.device), a.key_padding_mask, a.document_ids, None)
+    masks = _Masks(a.key_padding_mask, a.document_ids, None)
     window = Window.of(a.causal, a.window)
+    key_runs = position_runs(local_length, rank, world_size, a.layout)
     try:
+        key_positions = run_positions(key_runs, query.device)
         chosen = resolve_backend(a.backend, query, Visibility(
-            masks.positions[rank], masks.positions[rank], (), (), window=window, softcap=a.softcap, dropout_p=a.dropout_p,
+            key_positions, key_positions, key_runs, key_runs, window=window, softcap=a.softcap, dropout_p=a.dropout_p,
         ))
     except ValueError as unsupported:
         return None, None, None, str(unsupported)
     plan = _Plan(
-        group=group, world_size=world_size, rank=rank, backend=chosen, layout=a.layout, local_length=local_length,
+        group=group, world_size=world_size, rank=rank, device=query.device, backend=chosen, layout=a.layout, local_length=local_length,
         micro_q_size=a.micro_q_size or auto_micro_q_size(local_length, world_size), window=window,
         softcap=None if a.softcap is None else float(a.softcap), scale=float(a.scale) if a.scale is not None else query.size(-1) ** -0.5,
         dropout_p=float(a.dropout_p), head_groups=a.head_groups, offload_queries=a.offload_queries,
@@ -759,6 +763,19 @@ def _attend_locally(query: Tensor, key: Tensor, value: Tensor, arguments: _Argum
     return _LocalAttention.apply(query, key, value, replace(masks, documents=documents, dropout_seed=seed), plan)
 
 
+def _every_ranks_documents(document_ids: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Every rank's document ids [P, B, l], all-gathered once for the tensor that all of a batch's layers pass (the
+    adapters pass the batch's), and again only when it changed in place: the backward keeps them until it runs, and a
+    copy a layer would be 8 bytes a token of the whole sequence per layer. Remembered on the tensor itself, so that
+    they go when the batch does; every rank passes its own batch's tensor, so all of them gather or none does."""
+    remembered = getattr(document_ids, "_mqsp_every_ranks", None)
+    if remembered is not None and remembered[0] is group and remembered[1] == document_ids._version:
+        return remembered[2]
+    documents = comm.all_gather(document_ids, group, "mqsp_attention: the all-gather of document ids").wait()
+    document_ids._mqsp_every_ranks = (group, document_ids._version, documents)  # type: ignore[attr-defined]
+    return documents
+
+
 # torch.compile: the communicating part is one opaque call (a single graph break per attention layer),
 # rather than a traced loop of async collectives that would break the graph, and recompile, at every micro-step.
 @torch.compiler.disable
@@ -768,8 +785,7 @@ def _attend_across_ranks(query: Tensor, key: Tensor, value: Tensor, group: Proce
     check_across_ranks(group, error, signature)
     assert plan is not None and masks is not None
     if arguments.document_ids is not None:
-        documents = comm.all_gather(arguments.document_ids, group, "mqsp_attention: the all-gather of document ids").wait()
-        masks = replace(masks, documents=documents)
+        masks = replace(masks, documents=_every_ranks_documents(arguments.document_ids, group))
     if plan.dropout_p > 0:
         seed = comm.all_gather(draw_seed(query.device), group, "mqsp_attention: the all-gather of the dropout seed").wait()[0]
         masks = replace(masks, dropout_seed=seed)

@@ -60,23 +60,15 @@ def global_positions(local_length: int, rank: int, world_size: int, layout: str,
     per_rank = chunks_per_rank(layout)
     if local_length % per_rank != 0:
         raise ValueError(f"The {layout!r} layout needs a local length divisible by {per_rank}, got {local_length}.")
-    chunk = local_length // per_rank
-    return torch.cat(
-        [torch.arange(c * chunk, (c + 1) * chunk, device=device, dtype=torch.int64) for c in chunk_ids(rank, world_size, layout)]
-    )
+    return run_positions(position_runs(local_length, rank, world_size, layout), device)
 
 
-def all_positions(local_length: int, world_size: int, layout: str, device: torch.device | str = "cpu") -> Tensor:
-    """[P, l] int64: ``global_positions`` of every rank, in a few tensor ops (no host read, no loop over ranks)."""
-    per_rank = chunks_per_rank(layout)
-    chunk = local_length // per_rank
-    rank = torch.arange(world_size, device=device, dtype=torch.int64).view(-1, 1)
-    index = torch.arange(local_length, device=device, dtype=torch.int64).view(1, -1)
-    if layout == "contiguous":
-        return rank * local_length + index
-    second = index >= chunk  # zigzag: chunk r, then chunk 2P-1-r
-    chunk_id = torch.where(second, 2 * world_size - 1 - rank, rank)
-    return chunk_id * chunk + index - second * chunk
+def run_positions(runs: tuple[Run, ...], device: torch.device | str = "cpu") -> Tensor:
+    """The positions of ``runs`` (which tile their indices in order), int64 [sum of the runs' lengths]."""
+    parts = [torch.arange(position, position + last - first, device=device, dtype=torch.int64) for first, last, position in runs]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else torch.empty(0, device=device, dtype=torch.int64)
 
 
 def position_runs(local_length: int, rank: int, world_size: int, layout: str) -> tuple[Run, ...]:

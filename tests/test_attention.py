@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
 import torch
@@ -326,6 +326,42 @@ def test_the_output_is_sequence_major_so_the_usual_transpose_is_free(workers) ->
     anyway, not a second copy."""
     for contiguous, shared in [output_layout(), *workers(2).run(output_layout)]:  # one rank, and two
         assert contiguous and shared
+
+
+def kept_for_backward(local_length: int) -> tuple[int, bool, int]:
+    """Two causal calls with packed documents, as two layers of one batch make them: the bytes the first keeps for its
+    backward (distinct storages of its saved tensors and masks), whether the two share one copy of every rank's
+    document ids, and how many times they were all-gathered."""
+    q, k, v = (torch.randn(1, 2, local_length, 8, requires_grad=True) for _ in range(3))
+    document_ids = (torch.arange(local_length) * 3 // local_length).expand(1, -1)
+    all_gather, gathers = comm.all_gather, []
+
+    def counted(x, group, what, *args, **kwargs):
+        gathers.append(what)
+        return all_gather(x, group, what, *args, **kwargs)
+
+    comm.all_gather = counted
+    try:
+        first, second = (mqsp_attention(q, k, v, causal=True, document_ids=document_ids, micro_q_size=4) for _ in range(2))
+    finally:
+        comm.all_gather = all_gather
+    masks = first.grad_fn.masks
+    kept = [*first.grad_fn.saved_tensors, *(getattr(masks, field.name) for field in fields(masks))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept if isinstance(t, torch.Tensor)}
+    return sum(storages.values()), second.grad_fn.masks.documents is masks.documents, sum("document ids" in w for w in gathers)
+
+
+def test_what_a_layer_keeps_for_backward_does_not_grow_with_the_number_of_ranks(workers) -> None:
+    """At one local length, a layer keeps the same bytes for its backward at P = 2 and P = 4 but for the one copy of
+    every rank's document ids that all layers share: no positions of the whole sequence (they would be 8 bytes a token
+    of it, a layer), and document ids gathered once."""
+    local_length = 32
+    kept = {p: workers(p).run(kept_for_backward, local_length) for p in (2, 4)}
+    for results in kept.values():
+        assert all(shared and gathers == 1 for _, shared, gathers in results)
+    documents = {p: p * local_length * 8 for p in kept}  # [P, B = 1, l] int64
+    besides_documents = {p: {kept_bytes - documents[p] for kept_bytes, _, _ in results} for p, results in kept.items()}
+    assert len(besides_documents[2]) == 1 and besides_documents[2] == besides_documents[4]
 
 
 @pytest.mark.parametrize("case", [
