@@ -18,7 +18,13 @@ failure in one is recorded and the others still run:
    by micro-step, forward and backward, in total against flash SDPA's S^2 / 8 share;
 4. the autotune configs the kernels picked, the device, torch and triton versions, the date;
 5. ``offload_queries`` with ``head_groups=2`` against the plain call at P = 1 (S = 16384, D = 128, 8
-   query and 2 key/value heads): the same values, and each backward's time and peak of allocated device memory.
+   query and 2 key/value heads): the same values, and each backward's time and peak of allocated device memory;
+6. the loss kernels: ``chunked_cross_entropy`` with ``kernel="liger"`` (liger-kernel's fused linear cross
+   entropy) against ``kernel="torch"`` on Llama-8B's output head (vocabulary 128256, hidden 4096, 16384 tokens,
+   bf16): loss and gradient differences, forward+backward time and peak. liger-kernel is not installed on the GPU
+   machine, which has no network: carry its wheel (``pip download --no-deps "liger-kernel>=0.8.5,<0.9" -d
+   benchmarks/out/wheels`` here, ``pip install --no-deps benchmarks/out/wheels/*.whl`` there before this script);
+   without it the section records why it was skipped.
 
 FLOPs: forward 4 B H S^2 D (halved when causal), forward+backward 3.5 times that. Goals:
 Triton forward+backward >= 0.8x flash at S = 16k (D 64 and 128, causal and not), mqsp_attention
@@ -50,7 +56,7 @@ from baselines.common import relative_error
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_mqsp import mqsp_attention
+from lightning_mqsp import chunked_cross_entropy, mqsp_attention
 from lightning_mqsp.attention import auto_micro_q_size
 from lightning_mqsp.backends import get_backend
 from lightning_mqsp.layout import position_runs, run_positions, slice_runs
@@ -206,6 +212,47 @@ def check_offload(sizes: Sizes) -> dict[str, object]:
     log(f"  offloaded queries, 2 head groups, L={length}: largest difference {max(differences.values()):.1e}, "
         f"backward peaks {peaks or 'not measured (CPU)'}, backward seconds {seconds}")
     return {"length": length, "differences": differences, "backward_peak_bytes": peaks, "backward_seconds": seconds}
+
+
+def check_loss_kernels(sizes: Sizes) -> dict[str, object]:
+    """Section 6: the fused liger loss against the chunked torch loss on one output head (Llama-8B's on a GPU)."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        log("  liger-kernel is not installed: skipped (see the module docstring to carry its wheel)")
+        return {"skipped": "liger-kernel not installed"}
+    vocabulary, width, tokens = (128256, 4096, 16384) if sizes.device == "cuda" else (64, 16, 40)
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(width, vocabulary, bias=False).to(sizes.device, sizes.timed_dtype)
+    hidden = (torch.randn(1, tokens, width, generator=g) / 4).to(sizes.device, sizes.timed_dtype)
+    labels = torch.randint(0, vocabulary, (1, tokens), generator=g).to(sizes.device)
+    results: dict[str, dict[str, object]] = {}
+    for kernel in ("torch", "liger", "torch", "liger"):  # the first two: warm-up (compiles and autotunes)
+        leaf = hidden.detach().clone().requires_grad_()
+        head.weight.grad = None
+        if sizes.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        loss = chunked_cross_entropy(leaf, head, labels, kernel=kernel)
+        loss.backward()
+        if sizes.device == "cuda":
+            torch.cuda.synchronize()
+        results[kernel] = {"seconds": time.perf_counter() - started, "loss": loss.item(), "dhidden": leaf.grad,
+                           "dweight": head.weight.grad.clone(),
+                           "peak_bytes": torch.cuda.max_memory_allocated() if sizes.device == "cuda" else None}
+    torch_run, liger_run = results["torch"], results["liger"]
+    report = {
+        "vocabulary": vocabulary, "hidden": width, "tokens": tokens,
+        "loss_difference": abs(torch_run["loss"] - liger_run["loss"]),  # type: ignore[operator]
+        "dhidden_error": relative_error(liger_run["dhidden"], torch_run["dhidden"]),  # type: ignore[arg-type]
+        "dweight_error": relative_error(liger_run["dweight"], torch_run["dweight"]),  # type: ignore[arg-type]
+        **{f"{k}_{name}": run[name] for k, run in results.items() for name in ("seconds", "peak_bytes")},
+    }
+    log(f"  loss kernels, V={vocabulary} hidden={width} tokens={tokens}: liger {report['liger_seconds']:.3f} s, "
+        f"torch {report['torch_seconds']:.3f} s; peaks {report['liger_peak_bytes']} / {report['torch_peak_bytes']}; "
+        f"loss difference {report['loss_difference']:.1e}, dhidden {report['dhidden_error']:.1e}, dweight {report['dweight_error']:.1e}")
+    return report
 
 
 def time_ms(fn: Callable[[], object], device: str) -> float:
@@ -430,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
          lambda rows: report["timings"].update(one_rank_of_8=rows)),  # type: ignore[union-attr]
         ("best_configs", best_configs, lambda configs: report.update(best_configs=configs)),
         ("offload", lambda: check_offload(sizes), lambda result: report.update(offload=result)),
+        ("loss_kernels", lambda: check_loss_kernels(sizes), lambda result: report.update(loss_kernels=result)),
     ]
     for name, run, store in sections:
         log(f"[{time.monotonic() - start:6.1f} s] {name}")

@@ -25,7 +25,10 @@ On one 80 GB GPU, with the parameters, gradients and AdamW state in host memory 
         --trainer.strategy.init_args.offload_parameters=true --trainer.strategy.init_args.attention_head_groups=8 \\
         --data.seq_len=131072 --data.tokenizer=<...>
 
-``--model.pretrained=<hub name or path>`` starts from a checkpoint instead of random weights. Over
+``--model.pretrained=<hub name or path>`` starts from a checkpoint instead of random weights.
+``--model.loss_kernel`` picks the loss's kernel: ``auto`` (default) takes liger-kernel's fused linear cross entropy
+on CUDA where it needs no more memory than the chunks (shards up to about 64K tokens of Llama-8B), ``liger`` or
+``torch`` always. Over
 several nodes, start the same command with Lightning's launchers (``--trainer.num_nodes``, torchrun or
 SLURM): sequence parallelism stays inside a node, data parallelism spans the nodes. How long a
 sequence fits: ``docs/scaling.md``.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from torch import Tensor
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -66,6 +70,7 @@ class LlamaLong(LanguageModel):
     def __init__(
         self, preset: str = "tiny", pretrained: str | None = None, vocab_size: int = 8192, max_positions: int = 131072,
         lr: float = 3e-4, weight_decay: float = 0.01, warmup_steps: int = 20, loss_chunk_size: int = 4096,
+        loss_kernel: Literal["auto", "torch", "liger"] = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,7 +85,8 @@ class LlamaLong(LanguageModel):
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         assert self.model is not None
         hidden = self.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-        return chunked_causal_lm_cross_entropy(hidden, self.model.lm_head, batch["labels"], chunk_size=self.hparams.loss_chunk_size)
+        return chunked_causal_lm_cross_entropy(hidden, self.model.lm_head, batch["labels"], chunk_size=self.hparams.loss_chunk_size,
+                                               kernel=self.hparams.loss_kernel)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_mqsp import comm
@@ -106,36 +106,111 @@ def _chunk_loss_sum(head: Callable[[Tensor], Tensor], hidden_states: Tensor, lab
     return F.cross_entropy(_at_least_float32(head(hidden_states)), labels, ignore_index=ignore_index, reduction="sum")
 
 
+#: ``kernel`` of the chunked losses: "torch" (chunks of logits, checkpointed), "liger" (liger-kernel's fused linear
+#: cross entropy over the whole shard), "auto" (liger on CUDA where it holds no more memory than the chunks).
+LOSS_KERNELS = ("auto", "torch", "liger")
+
+
+def _fused_linear_cross_entropy() -> Callable[..., Tensor]:
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as missing:
+        raise ImportError(
+            "kernel='liger' needs liger-kernel: `pip install liger-kernel` (the Makefile installs it), or pass kernel='torch'."
+        ) from missing
+    return liger_fused_linear_cross_entropy
+
+
+def _liger_is_installed() -> bool:
+    try:
+        _fused_linear_cross_entropy()
+    except ImportError:
+        return False
+    return True
+
+
+def _fused_loss_sum(head: nn.Linear, hidden_states: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """The sum of the token losses by liger-kernel's fused linear cross entropy, computed *as the head's forward*: the
+    hooks on the head run around it as around its own forward (FSDP2's, which gathers its sharded weight before and
+    reduce-scatters the weight's gradient after backward). Weight gradients accumulate in float32."""
+    fused = _fused_linear_cross_entropy()
+
+    def forward(hidden: Tensor) -> Tensor:
+        return fused(hidden, head.weight, labels, bias=head.bias, ignore_index=ignore_index, reduction="sum",
+                     accum_dtype=torch.float32)
+
+    own_forward = head.__dict__.get("forward")
+    head.forward = forward  # type: ignore[method-assign,assignment]
+    try:
+        return head(hidden_states)
+    finally:
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward  # type: ignore[method-assign]
+
+
+def _loss_kernel(kernel: str, hidden_states: Tensor, head: Callable[[Tensor], Tensor], tokens: int, chunk_size: int) -> str:
+    """"torch" or "liger" for ``kernel``. "auto": liger on CUDA for a linear head when it is installed and its
+    memory, the shard's input gradient and a block of logits as large as the shard's hidden states (liger's own
+    chunking) plus a float32 weight gradient, is no more than a chunk's float32 and input-dtype logits."""
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"kernel must be one of {LOSS_KERNELS}, got {kernel!r}.")
+    linear = isinstance(head, nn.Linear)
+    if kernel == "liger":
+        if not linear:
+            raise ValueError(
+                f"kernel='liger' fuses the output head's matmul into the loss and needs the head as an nn.Linear (its weight "
+                f"and bias), got {type(head).__name__}; pass kernel='torch' for any other head."
+            )
+        _fused_linear_cross_entropy()
+        return "liger"
+    if kernel == "torch" or not (hidden_states.is_cuda and isinstance(head, nn.Linear) and _liger_is_installed()):
+        return "torch"
+    vocabulary, width = head.weight.shape
+    size = hidden_states.element_size()
+    fused_bytes = 2 * tokens * width * size + vocabulary * width * 4
+    chunk_bytes = min(chunk_size, tokens) * vocabulary * (size + 4)
+    return "liger" if fused_bytes <= chunk_bytes else "torch"
+
+
 def chunked_cross_entropy(
     hidden_states: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, chunk_size: int = 4096,
-    ignore_index: int = IGNORE_INDEX, group: ProcessGroup | None = None,
+    ignore_index: int = IGNORE_INDEX, group: ProcessGroup | None = None, kernel: str = "auto",
 ) -> Tensor:
     """``sequence_parallel_cross_entropy(head(hidden_states), labels)`` without the logits of every token at once.
 
     The output head (e.g. a model's ``lm_head``, or ``get_output_embeddings()``) runs on ``chunk_size``
     tokens of this rank's shard at a time, in forward and again, one chunk at a time, in backward
     (activation checkpointing per chunk): the [tokens, vocabulary] logits never exist for more than
-    one chunk, which at long sequences and 128k vocabularies is the largest tensor of a step.
+    one chunk, which at long sequences and 128k vocabularies is the largest tensor of a step. With
+    ``kernel="liger"`` (or "auto" on CUDA where it fits, see :data:`LOSS_KERNELS`) liger-kernel's fused
+    linear cross entropy computes it instead, over the whole shard at once (it chunks by itself).
 
     Args:
         hidden_states: the final hidden states of this rank's tokens, [..., hidden].
-        head: maps [n, hidden] to [n, vocabulary] logits.
+        head: maps [n, hidden] to [n, vocabulary] logits; an ``nn.Linear`` for the fused kernel.
         labels: [...], the targets (already aligned: no shift here; see :func:`chunked_causal_lm_cross_entropy`).
         chunk_size: tokens per chunk.
+        kernel: "auto", "torch" or "liger".
     """
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     flat_hidden, flat_labels = hidden_states.flatten(0, -2), labels.flatten()
+    count = (flat_labels != ignore_index).sum()
+    if _loss_kernel(kernel, hidden_states, head, flat_labels.numel(), chunk_size) == "liger":
+        assert isinstance(head, nn.Linear)
+        return _full_sequence_mean(_fused_loss_sum(head, flat_hidden, flat_labels, ignore_index), count, group)
     total = hidden_states.new_zeros((), dtype=torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
     for start in range(0, flat_labels.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
         total = total + checkpoint(_chunk_loss_sum, head, flat_hidden[chunk], flat_labels[chunk], ignore_index, use_reentrant=False)
-    return _full_sequence_mean(total, (flat_labels != ignore_index).sum(), group)
+    return _full_sequence_mean(total, count, group)
 
 
 def chunked_causal_lm_cross_entropy(
     hidden_states: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, chunk_size: int = 4096,
-    ignore_index: int = IGNORE_INDEX, group: ProcessGroup | None = None,
+    ignore_index: int = IGNORE_INDEX, group: ProcessGroup | None = None, kernel: str = "auto",
 ) -> Tensor:
     """:func:`causal_lm_cross_entropy` of ``head(hidden_states)``, computed chunk by chunk (see :func:`chunked_cross_entropy`)."""
-    return chunked_cross_entropy(hidden_states, head, _next_token_labels(labels), chunk_size, ignore_index, group)
+    return chunked_cross_entropy(hidden_states, head, _next_token_labels(labels), chunk_size, ignore_index, group, kernel)

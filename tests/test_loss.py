@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,37 +87,48 @@ def test_causal_lm_loss_is_the_hugging_face_loss_under_mqsp_and_alone(workers) -
         assert loss == pytest.approx(expected, rel=1e-12)
 
 
-def _chunked_against_plain(layout: str, chunk_size: int) -> dict[str, float]:
+def _chunked_against_plain(
+    layout: str, chunk_size: int, kernel: str = "torch", dtype: torch.dtype = torch.float64, sharded_head: bool = False,
+) -> dict[str, float]:
     """chunked_cross_entropy of a linear head on this rank's hidden states against the plain loss of the full
-    logits: loss, and the gradients of the hidden states and of the head's weight (summed over ranks)."""
+    logits: loss, and the gradients of the hidden states and of the head's weight (summed over ranks; with
+    ``sharded_head`` the head is FSDP2-sharded over the ranks, which reduce-scatter the weight's gradient)."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     from lightning_mqsp import chunked_cross_entropy
     from lightning_mqsp.layout import unshard_sequence
 
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2, 16, 8, generator=g, dtype=torch.float64)
+    hidden = torch.randn(2, 16, 8, generator=g, dtype=dtype)
     labels = torch.randint(0, 11, (2, 16), generator=g)
     labels[1, 3:9] = -100
     torch.manual_seed(0)  # the same head on every rank
-    head = torch.nn.Linear(8, 11, dtype=torch.float64)
-    full = hidden.clone().requires_grad_()
-    expected = F.cross_entropy(head(full).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    head = torch.nn.Linear(8, 11, dtype=dtype)
+    reference = torch.nn.Linear(8, 11, dtype=torch.float64)
+    reference.load_state_dict(head.state_dict())
+    full = hidden.to(torch.float64, copy=True).requires_grad_()
+    expected = F.cross_entropy(reference(full).flatten(0, 1), labels.flatten(), ignore_index=-100)
     expected.backward()
-    expected_weight = head.weight.grad.clone()
-    head.zero_grad()
+    if sharded_head:
+        fully_shard(head, mesh=init_device_mesh("cpu", (world,)))
     local = shard_sequence(hidden, 1, rank, world, layout).requires_grad_()
     loss = chunked_cross_entropy(local, head, shard_sequence(labels, 1, rank, world, layout), chunk_size=chunk_size,
-                                 group=dist.group.WORLD)
+                                 group=dist.group.WORLD, kernel=kernel)
     loss.backward()
-    dist.all_reduce(head.weight.grad)
+    if sharded_head:  # the mean over ranks, reduce-scattered
+        weight_grad = head.weight.grad.full_tensor()
+    else:
+        dist.all_reduce(head.weight.grad)
+        weight_grad = head.weight.grad / world
     grads = [torch.empty_like(local.grad) for _ in range(world)]
     dist.all_gather(grads, local.grad)
     return {
         "loss": abs(loss.item() - expected.item()) / expected.item(),
         "hidden": ((unshard_sequence(grads, 1, layout) / world - full.grad).abs().max() / full.grad.abs().max()).item(),
-        "weight": ((head.weight.grad / world - expected_weight).abs().max() / expected_weight.abs().max()).item(),
+        "weight": ((weight_grad - reference.weight.grad).abs().max() / reference.weight.grad.abs().max()).item(),
     }
 
 
@@ -120,6 +136,56 @@ def _chunked_against_plain(layout: str, chunk_size: int) -> dict[str, float]:
 def test_chunked_loss_equals_the_plain_loss(workers, layout: str, chunk_size: int) -> None:
     for errors in workers(2).run(_chunked_against_plain, layout, chunk_size):
         assert max(errors.values()) <= 1e-12, errors
+
+
+@pytest.mark.timeout(300)
+def test_the_fused_liger_loss_under_the_triton_interpreter() -> None:
+    """liger-kernel's fused linear cross entropy against the plain loss, plain and FSDP2-sharded heads
+    (``_liger_loss_cases.py``, in a child pytest with TRITON_INTERPRET=1, as ``test_backends_triton.py`` runs its
+    cases: triton reads it when it is imported)."""
+    cases = Path(__file__).with_name("_liger_loss_cases.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", str(cases)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=cases.parent.parent, capture_output=True, text=True, timeout=280,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    assert " passed" in report and " skipped" not in report and " error" not in report, report
+
+
+def _head_and_inputs() -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    return torch.nn.Linear(8, 11), torch.randn(1, 6, 8), torch.randint(0, 11, (1, 6))
+
+
+def test_loss_kernel_choices_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that is not one of LOSS_KERNELS, liger with a head that is not an nn.Linear, liger not installed:
+    each refused with the fix. "auto" on CPU takes the torch path (liger's kernels are CUDA's)."""
+    import builtins
+
+    from lightning_mqsp import chunked_cross_entropy, loss
+
+    head, hidden, labels = _head_and_inputs()
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'torch', 'liger'\), got 'fused'"):
+        chunked_cross_entropy(hidden, head, labels, kernel="fused")
+    with pytest.raises(ValueError, match=r"needs the head as an nn\.Linear.*pass kernel='torch'"):
+        chunked_cross_entropy(hidden, lambda h: head(h), labels, kernel="liger")
+    assert loss._loss_kernel("auto", hidden, head, 6, 4) == "torch"
+    fused = []
+    monkeypatch.setattr(loss, "_fused_loss_sum", lambda *args: fused.append(args))
+    expected = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten())
+    assert chunked_cross_entropy(hidden, head, labels, chunk_size=4).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert not fused
+    real_import = builtins.__import__
+
+    def without_liger(name: str, *args, **kwargs):
+        if name.startswith("liger_kernel"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_liger)
+    with pytest.raises(ImportError, match=r"needs liger-kernel: `pip install liger-kernel`.*or pass kernel='torch'"):
+        chunked_cross_entropy(hidden, head, labels, kernel="liger")
+    assert not loss._liger_is_installed()
 
 
 def test_chunked_loss_keeps_one_chunk_of_logits_at_a_time() -> None:
