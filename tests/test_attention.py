@@ -207,14 +207,15 @@ def count_bytes(case: Case, backward: bool) -> tuple[dict[str, int], dict[str, i
     for _ in range(2):
         q, k, v = (shard_sequence(inputs[n], 2, rank, world_size, case.layout).requires_grad_() for n in "qkv")
         with count_communication() as counter:
-            out = mqsp_attention(q, k, v, micro_q_size=case.micro_q_size, causal=case.causal)
+            out = mqsp_attention(q, k, v, micro_q_size=case.micro_q_size, causal=case.causal, layout=case.layout,
+                                 head_groups=case.head_groups)
             if backward:
                 out.sum().backward()
         counts.append(dict(counter.bytes_sent))
     expected = [communication_bytes(
         batch=case.batch, heads=case.heads, kv_heads=case.kv_heads, local_length=q.size(2), head_dim=case.head_dim,
         world_size=world_size, dtype=case.dtype, backward=backward, include_check=check, causal=case.causal, layout=case.layout,
-        micro_q_size=case.micro_q_size, rank=rank,
+        micro_q_size=case.micro_q_size, rank=rank, head_groups=case.head_groups,
     ) for check in (True, False)]
     return counts[0], counts[1], *expected
 
@@ -246,6 +247,20 @@ def test_counted_bytes_without_a_mask_are_the_dense_formula(workers) -> None:
     for _, repeated, _, expected in workers(4).run(count_bytes, case, True):
         dense = {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
         assert repeated == expected == dense
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["no mask", "causal zigzag"])
+def test_counted_bytes_with_head_groups_match_the_formula(workers, causal: bool) -> None:
+    """Two head groups: the backward's steps take twice the rows of half the heads. Zigzag steps that wide see more
+    ranks' rows than half as wide ones would, so the formula walks the wider steps: it matches a counted call, and
+    without a mask it is the same bytes as one group."""
+    case = Case(4, micro_q_size=3, causal=causal, layout="zigzag" if causal else "contiguous", batch=1, heads=4, kv_heads=2,
+                head_groups=2, head_dim=16)
+    for rank, (first, repeated, expected_first, expected) in enumerate(workers(4).run(count_bytes, case, True)):
+        assert repeated == expected and first == expected_first
+        if not causal:
+            assert expected == communication_bytes(batch=1, heads=4, kv_heads=2, local_length=16, head_dim=16, world_size=4,
+                                                   dtype=torch.float32, micro_q_size=3, rank=rank)
 
 
 def all_gathers_by_pass() -> tuple[int, int]:
