@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_mqsp import comm
 from lightning_mqsp.adapters import active_context
+from lightning_mqsp.backends.triton import triton_input_error
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.sharding import IGNORE_INDEX, shift_left
 
@@ -156,16 +157,20 @@ def _loss_kernel(kernel: str, hidden_states: Tensor, head: Callable[[Tensor], Te
     chunking) plus a float32 weight gradient, is no more than a chunk's float32 and input-dtype logits."""
     if kernel not in LOSS_KERNELS:
         raise ValueError(f"kernel must be one of {LOSS_KERNELS}, got {kernel!r}.")
-    linear = isinstance(head, nn.Linear)
     if kernel == "liger":
-        if not linear:
+        if not isinstance(head, nn.Linear):
             raise ValueError(
                 f"kernel='liger' fuses the output head's matmul into the loss and needs the head as an nn.Linear (its weight "
                 f"and bias), got {type(head).__name__}; pass kernel='torch' for any other head."
             )
         _fused_linear_cross_entropy()
+        error = triton_input_error(hidden_states)
+        if error is not None:  # liger's kernels are Triton's: on a CPU they would fail with "0 active drivers"
+            raise ValueError(f"kernel='liger' runs Triton kernels, which cannot take these hidden states: {error}; "
+                             "pass kernel='torch'.")
         return "liger"
-    if kernel == "torch" or not (hidden_states.is_cuda and isinstance(head, nn.Linear) and _liger_is_installed()):
+    if kernel == "torch" or not (hidden_states.is_cuda and isinstance(head, nn.Linear) and _liger_is_installed()
+                                 and triton_input_error(hidden_states) is None):
         return "torch"
     vocabulary, width = head.weight.shape
     size = hidden_states.element_size()

@@ -25,3 +25,12 @@ def test_liger_loss_equals_the_plain_loss(workers, layout: str, sharded_head: bo
     gather and its gradient's reduce-scatter."""
     for errors in workers(2).run(_chunked_against_plain, layout, 3, "liger", torch.float32, sharded_head):
         assert max(errors.values()) <= FP32_TOLERANCE, errors
+
+
+def test_liger_refuses_float64_rather_than_compute_it_in_float32() -> None:
+    from lightning_mqsp import chunked_cross_entropy
+
+    head = torch.nn.Linear(8, 11, dtype=torch.float64)
+    hidden, labels = torch.randn(1, 6, 8, dtype=torch.float64), torch.randint(0, 11, (1, 6))
+    with pytest.raises(ValueError, match=r"float16, bfloat16 and float32 inputs, got torch.float64; pass kernel='torch'"):
+        chunked_cross_entropy(hidden, head, labels, kernel="liger")

@@ -158,8 +158,9 @@ def _head_and_inputs() -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
 
 
 def test_loss_kernel_choices_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel that is not one of LOSS_KERNELS, liger with a head that is not an nn.Linear, liger not installed:
-    each refused with the fix. "auto" on CPU takes the torch path (liger's kernels are CUDA's)."""
+    """A kernel that is not one of LOSS_KERNELS, liger with a head that is not an nn.Linear, liger on CPU tensors
+    outside the Triton interpreter, liger not installed: each refused with the fix. "auto" on CPU takes the torch path
+    (liger's kernels are CUDA's)."""
     import builtins
 
     from lightning_mqsp import chunked_cross_entropy, loss
@@ -169,6 +170,8 @@ def test_loss_kernel_choices_and_their_errors(monkeypatch: pytest.MonkeyPatch) -
         chunked_cross_entropy(hidden, head, labels, kernel="fused")
     with pytest.raises(ValueError, match=r"needs the head as an nn\.Linear.*pass kernel='torch'"):
         chunked_cross_entropy(hidden, lambda h: head(h), labels, kernel="liger")
+    with pytest.raises(ValueError, match=r"runs Triton kernels.*set TRITON_INTERPRET=1.*pass kernel='torch'"):
+        chunked_cross_entropy(hidden, head, labels, kernel="liger")  # on CPU, outside the interpreter
     assert loss._loss_kernel("auto", hidden, head, 6, 4) == "torch"
     fused = []
     monkeypatch.setattr(loss, "_fused_loss_sum", lambda *args: fused.append(args))

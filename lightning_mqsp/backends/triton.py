@@ -60,25 +60,34 @@ def _op_visibility(visibility: Visibility, device: torch.device) -> tuple[object
     )
 
 
+def triton_input_error(x: Tensor) -> str | None:
+    """Why Triton kernels cannot run on ``x`` here (not installed, a device or interpreter mismatch, a dtype other
+    than float16, bfloat16 or float32), or None. Shared by this backend and the fused loss (``lightning_mqsp.loss``)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    # Under FakeTensorMode (memory estimates) the custom ops' fake implementations give the shapes; nothing runs.
+    fake = isinstance(x, FakeTensor)
+    if x.device.type == "cpu" and not fake:
+        if not _interpreting():
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return "TRITON_INTERPRET=1 was set after triton was imported: set it before Python starts"
+            return "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
+    elif x.device.type not in ("cuda", "cpu"):
+        return f"it runs on CUDA tensors (or CPU tensors through the Triton interpreter), got {x.device.type}"
+    elif x.device.type == "cuda" and _interpreting():
+        return "TRITON_INTERPRET=1 is set: the kernels run in the interpreter, which takes CPU tensors only"
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return f"it supports float16, bfloat16 and float32 inputs, got {x.dtype}"
+    return None
+
+
 class TritonBackend:
     name = "triton"
 
     def supports(self, q: Tensor, visibility: Visibility) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        # Under FakeTensorMode (memory estimates) the custom ops' fake implementations give the shapes; nothing runs.
-        fake = isinstance(q, FakeTensor)
-        if q.device.type == "cpu" and not fake:
-            if not _interpreting():
-                if os.environ.get("TRITON_INTERPRET") == "1":
-                    return "TRITON_INTERPRET=1 was set after triton was imported: set it before Python starts"
-                return "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
-        elif q.device.type not in ("cuda", "cpu"):
-            return f"it runs on CUDA tensors (or CPU tensors through the Triton interpreter), got {q.device.type}"
-        elif q.device.type == "cuda" and _interpreting():
-            return "TRITON_INTERPRET=1 is set: the kernels run in the interpreter, which takes CPU tensors only"
-        if q.dtype not in _SUPPORTED_DTYPES:
-            return f"it supports float16, bfloat16 and float32 inputs, got {q.dtype}"
+        error = triton_input_error(q)
+        if error is not None:
+            return error
         if q.size(-1) > _MAX_HEAD_DIM:
             return f"head dimension {q.size(-1)} exceeds {_MAX_HEAD_DIM}"
         if not 0.0 <= visibility.dropout_p < 1.0:
