@@ -319,8 +319,7 @@ def _not_twice_differentiable(backward: Callable[..., Any]) -> Callable[..., Any
     return wrapper
 
 
-#: Rows of [B, H, rows, D] whose float32 copies ``_row_dots`` makes at a time, with every head; a head group's pass
-#: takes head_groups times the rows (the same bytes).
+#: Rows of [B, H, rows, D] whose float32 copies ``_row_dots`` makes at a time, with every head.
 _ROW_DOT_BLOCK = 4096
 #: Query rows per kernel call on one rank: Llama-8B's float32 out or dQ of a block is 0.27 GB.
 _LOCAL_BLOCK_ROWS = 16384
@@ -328,10 +327,12 @@ _LOCAL_BLOCK_ROWS = 16384
 _NARROWING_PIECES = 16
 
 
-def _row_dots(grad_out: Tensor, out: Tensor, dtype: torch.dtype, block_rows: int) -> Tensor:
-    """delta = rowsum(grad_out * out) in ``dtype`` ([B, H, rows]), ``block_rows`` rows at a time: the float32 copies of
+def _row_dots(grad_out: Tensor, out: Tensor, dtype: torch.dtype, head_groups: int) -> Tensor:
+    """delta = rowsum(grad_out * out) in ``dtype`` ([B, H, rows]), _ROW_DOT_BLOCK rows at a time (times ``head_groups``
+    in a pass over one group's heads: the same bytes as a block of all heads): the float32 copies of
     the whole sequence would be 4-6 hidden states of a bf16 model at once (P=1). As [1, D] x [D, 1] matmuls: aten's
     sum over a last dimension of 64 is several times slower on CPU."""
+    block_rows = _ROW_DOT_BLOCK * head_groups
     blocks = [
         (g.to(dtype).unsqueeze(-2) @ o.to(dtype).unsqueeze(-1))[..., 0, 0]
         for g, o in zip(grad_out.split(block_rows, dim=2), out.split(block_rows, dim=2))
@@ -478,9 +479,8 @@ class _LocalAttention(torch.autograd.Function):
                 grad_query[:, :, rows] = plan.backend.backward(
                     _from_host(query[:, :, rows], grad_out.device), key, value, grad_out[:, :, rows],
                     row_max[:, :, rows].contiguous(), row_log_sum[:, :, rows].contiguous(),
-                    _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype, _ROW_DOT_BLOCK * plan.head_groups),
-                    masks.visibility(plan, (start, stop, sources)),
-                    plan.scale, grad_key, grad_value,
+                    _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype, plan.head_groups),
+                    masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
                 )
 
         return *_backward_by_head_groups(ctx, grad_out, run_pass), None, None
@@ -567,7 +567,7 @@ class _MQSPAttention(torch.autograd.Function):
             # in one collective: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
             # exact; one collective a step fewer).
             step_grad_out = grad_out[:, :, start:stop]
-            delta = _row_dots(step_grad_out, out[:, :, start:stop], dtype, _ROW_DOT_BLOCK * plan.head_groups)
+            delta = _row_dots(step_grad_out, out[:, :, start:stop], dtype, plan.head_groups)
             stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
             step_query = _from_host(query[:, :, start:stop], grad_out.device)
             rows = torch.cat([step_query, step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
