@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from distributed import WorkerPool
+from distributed import WorkerPool, close_pools
 
 _pools: dict[int, WorkerPool] = {}
 
@@ -24,6 +24,4 @@ def workers() -> Iterator[Callable[[int], WorkerPool]]:
         return pool
 
     yield get
-    for pool in _pools.values():
-        if not pool.broken:
-            pool.close()
+    close_pools([pool for pool in _pools.values() if not pool.broken])

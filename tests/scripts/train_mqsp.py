@@ -1,10 +1,13 @@
-"""One Trainer run for the strategy tests; rank 0 writes what the tests compare to references.
+"""Trainer runs for the strategy tests; rank 0 writes what the tests compare to references.
 
-    python tests/scripts/train_mqsp.py OUT_DIR --model bert --devices 4 --sp 2 --epochs 2 [--resume CKPT] [--strategy ddp]
-                                       [--validate] [--predict]
+    python tests/scripts/train_mqsp.py OUT_DIR --model bert [gpt2 llama] --devices 4 --sp 2 --epochs 2 [--resume CKPT]
+                                       [--strategy ddp] [--validate] [--predict]
 
-Writes OUT_DIR/result.pt: losses per step (every rank's), the logged sync_dist loss, the averaged
-gradients after the first backward, the final parameters, validation metrics, predictions.
+Each model is trained in turn, in the same processes (launched once: each process's imports take
+several seconds), into OUT_DIR/<model>/: result.pt (losses per step, every rank's; the logged
+sync_dist loss; the averaged gradients after the first backward; the final parameters; validation
+metrics; predictions) and checkpoints/. After each model rank 0 writes the line ``FINISHED <model>``
+to stderr, so a reader can tell each model's messages apart.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import lightning_mqsp  # noqa: F401  (registers "mqsp")
 from lightning_mqsp import MQSPStrategy
 
 BATCH_SIZE = 2
+FINISHED = "FINISHED"
 TRAIN_SAMPLES = 8
 VAL_SAMPLES = 4
 
@@ -50,10 +54,35 @@ class Recorder(Callback):
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
 
 
+def train(kind: str, out: Path, args: argparse.Namespace) -> None:
+    strategy: Any = MQSPStrategy(sequence_parallel_size=args.sp) if args.strategy == "mqsp" else args.strategy
+    recorder = Recorder()
+    trainer = Trainer(
+        strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[recorder, ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, every_n_epochs=1)],
+    )
+    module = TinyLM(kind)
+    train = DataLoader(make_samples(kind, TRAIN_SAMPLES), batch_size=BATCH_SIZE)
+    trainer.fit(module, train, ckpt_path=args.resume)
+    result: dict[str, Any] = {
+        "losses": recorder.losses, "logged": recorder.logged, "first_grads": recorder.first_grads, "samplers": recorder.samplers,
+        "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+    }
+    if args.validate:
+        val = DataLoader(make_samples(kind, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE)
+        result["validate"] = trainer.validate(module, val, verbose=False)[0]
+    if args.predict:
+        result["predictions"] = trainer.predict(module, DataLoader(make_samples(kind, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE))
+    if trainer.global_rank == 0:
+        torch.save(result, out / "result.pt")
+        print(f"{FINISHED} {kind}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("--model", default="bert")
+    parser.add_argument("--model", nargs="+", default=["bert"])
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--sp", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
@@ -63,28 +92,8 @@ def main() -> None:
     parser.add_argument("--predict", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-
-    strategy: Any = MQSPStrategy(sequence_parallel_size=args.sp) if args.strategy == "mqsp" else args.strategy
-    recorder = Recorder()
-    trainer = Trainer(
-        strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[recorder, ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1, every_n_epochs=1)],
-    )
-    module = TinyLM(args.model)
-    train = DataLoader(make_samples(args.model, TRAIN_SAMPLES), batch_size=BATCH_SIZE)
-    trainer.fit(module, train, ckpt_path=args.resume)
-    result: dict[str, Any] = {
-        "losses": recorder.losses, "logged": recorder.logged, "first_grads": recorder.first_grads, "samplers": recorder.samplers,
-        "params": {n: p.detach().clone() for n, p in module.named_parameters()},
-    }
-    if args.validate:
-        val = DataLoader(make_samples(args.model, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE)
-        result["validate"] = trainer.validate(module, val, verbose=False)[0]
-    if args.predict:
-        result["predictions"] = trainer.predict(module, DataLoader(make_samples(args.model, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE))
-    if trainer.global_rank == 0:
-        torch.save(result, args.out / "result.pt")
+    for kind in args.model:
+        train(kind, args.out / kind, args)
 
 
 if __name__ == "__main__":
