@@ -62,7 +62,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     out = tmp_path_factory.mktemp("runs")
     kinds = ("bert", "gpt2", "llama")
     stderr = run_script("train_mqsp.py", str(out), "--model", *kinds, "--devices", "4", "--sp", "2", "--epochs", str(EPOCHS),
-                        "--validate", "--predict", out=out / "bert")["stderr"]
+                        "--validate", "--predict", out=out / "mqsp" / "bert")["stderr"]
+    out = out / "mqsp"
     # Each model's messages: those before the line the script writes when it has finished that model.
     messages = re.split(rf"^{FINISHED} \w+$", stderr, flags=re.MULTILINE)[: len(kinds)]
     return {kind: torch.load(out / kind / "result.pt", weights_only=False) | {"stderr": said, "out": out / kind}
@@ -141,17 +142,25 @@ def test_predictions_are_gathered_and_checkpoint_loads_into_plain_model(runs: di
     torch.testing.assert_close(predictions[0]["logits"], expected, rtol=RTOL, atol=1e-5)
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("strategy", ["mqsp-sp1", "ddp"])
-def test_resume_at_another_sequence_parallel_size(strategy: str, runs: dict, tmp_path: Path) -> None:
-    """The SP=2 x DP=2 checkpoint after epoch 1 resumes at SP=1 x DP=2 (MQSP) and under plain DDP on the same loss curve."""
+@pytest.fixture(scope="module")
+def resumed(runs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SP=2 x DP=2 BERT checkpoint after epoch 1, resumed on 2 processes at SP=1 x DP=2 (MQSP) and under plain DDP,
+    one launch."""
+    out = tmp_path_factory.mktemp("resumed")
     ckpt = runs["bert"]["out"] / "checkpoints" / "epoch=0-step=2.ckpt"
-    args = ["--strategy", "ddp"] if strategy == "ddp" else ["--sp", "1"]
-    resumed = run_script("train_mqsp.py", str(tmp_path), "--model", "bert", "--devices", "2", "--epochs", str(EPOCHS),
-                         "--resume", str(ckpt), *args, out=tmp_path / "bert")
+    run_script("train_mqsp.py", str(out), "--model", "bert", "--devices", "2", "--sp", "1", "--epochs", str(EPOCHS),
+               "--resume", str(ckpt), "--strategy", "mqsp", "ddp", out=out / "mqsp" / "bert")
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["mqsp", "ddp"])
+def test_resume_at_another_sequence_parallel_size(strategy: str, runs: dict, resumed: Path) -> None:
+    """The SP=2 x DP=2 checkpoint after epoch 1 resumes at SP=1 x DP=2 (MQSP) and under plain DDP on the same loss curve."""
+    result = torch.load(resumed / strategy / "bert" / "result.pt", weights_only=False)
     original = torch.tensor(runs["bert"]["logged"])
-    torch.testing.assert_close(torch.tensor(resumed["logged"]), original[2:], rtol=RTOL, atol=0)
-    assert_tensors_match(resumed["params"], {k.removeprefix("model."): v for k, v in runs["bert"]["params"].items()})
+    torch.testing.assert_close(torch.tensor(result["logged"]), original[2:], rtol=RTOL, atol=0)
+    assert_tensors_match(result["params"], {k.removeprefix("model."): v for k, v in runs["bert"]["params"].items()})
 
 
 CLI_CONFIG = """
@@ -241,12 +250,24 @@ def test_a_failing_rank_ends_every_rank_with_a_named_error(mode: str, names: str
     assert time.monotonic() - started < 60  # process start-up included; the wait itself is bounded by the 5 s timeout
 
 
+RECIPE_PRECISIONS = ("32-true", "bf16-mixed")
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both precisions' runs of scripts/train_recipe.py, one launch (as the `runs` above)."""
+    out = tmp_path_factory.mktemp("recipe")
+    run_script("train_recipe.py", str(out), "--packed", "--checkpointing", "--precision", *RECIPE_PRECISIONS,
+               out=out / RECIPE_PRECISIONS[0])
+    return out
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_long_context_recipe_matches_single_process(precision: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", RECIPE_PRECISIONS)
+def test_long_context_recipe_matches_single_process(precision: str, recipe_runs: Path) -> None:
     """A tiny Llama on packed documents with activation checkpointing, the model's own `labels` loss and a per-step
     metric over the whole sequence, at SP=2, against the same training in one process (scripts/train_recipe.py)."""
-    result = run_script("train_recipe.py", str(tmp_path), "--packed", "--checkpointing", "--precision", precision, out=tmp_path)
+    result = torch.load(recipe_runs / precision / "result.pt", weights_only=False)
     mqsp, single = result["mqsp"], result["single"]
     gradients = {k.removeprefix("model."): v for k, v in mqsp["gradients"].items()}
     if precision == "32-true":

@@ -1,13 +1,13 @@
 """Trainer runs for the strategy tests; rank 0 writes what the tests compare to references.
 
     python tests/scripts/train_mqsp.py OUT_DIR --model bert [gpt2 llama] --devices 4 --sp 2 --epochs 2 [--resume CKPT]
-                                       [--strategy ddp] [--validate] [--predict]
+                                       [--strategy mqsp [ddp]] [--validate] [--predict]
 
-Each model is trained in turn, in the same processes (launched once: each process's imports take
-several seconds), into OUT_DIR/<model>/: result.pt (losses per step, every rank's; the logged
+Each strategy trains each model in turn, in the same processes (launched once: each process's imports
+take several seconds), into OUT_DIR/<strategy>/<model>/: result.pt (losses per step, every rank's; the logged
 sync_dist loss; the averaged gradients after the first backward; the final parameters; validation
-metrics; predictions) and checkpoints/. After each model rank 0 writes the line ``FINISHED <model>``
-to stderr, so a reader can tell each model's messages apart.
+metrics; predictions) and checkpoints/. After each run rank 0 writes the line ``FINISHED <model>``
+to stderr, so a reader can tell each run's messages apart.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class Recorder(Callback):
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
 
 
-def train(kind: str, out: Path, args: argparse.Namespace) -> None:
-    strategy: Any = MQSPStrategy(sequence_parallel_size=args.sp) if args.strategy == "mqsp" else args.strategy
+def train(kind: str, strategy_name: str, out: Path, args: argparse.Namespace) -> None:
+    strategy: Any = MQSPStrategy(sequence_parallel_size=args.sp) if strategy_name == "mqsp" else strategy_name
     recorder = Recorder()
     trainer = Trainer(
         strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs, logger=False,
@@ -86,14 +86,15 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--sp", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--strategy", default="mqsp")
+    parser.add_argument("--strategy", nargs="+", default=["mqsp"])
     parser.add_argument("--resume", default=None)
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--predict", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for kind in args.model:
-        train(kind, args.out / kind, args)
+    for strategy in args.strategy:
+        for kind in args.model:
+            train(kind, strategy, args.out / strategy / kind, args)
 
 
 if __name__ == "__main__":

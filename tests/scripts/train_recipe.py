@@ -1,12 +1,13 @@
-"""A Trainer run of the long-context recipe on a tiny Llama, and the same training in one process.
+"""Trainer runs of the long-context recipe on a tiny Llama, and the same training in one process.
 
-    python tests/scripts/train_recipe.py OUT_DIR [--precision bf16-mixed] [--packed] [--checkpointing]
+    python tests/scripts/train_recipe.py OUT_DIR [--precision 32-true bf16-mixed] [--packed] [--checkpointing]
 
 SP=2 on 2 processes: packed documents (position_ids that restart, no attention mask), activation
 checkpointing, the model's own loss (``model(**batch).loss``) and a per-step metric over the whole
 sequence (a torchmetrics mean of the probability given to each target token, fed with
-``lightning_mqsp.gather_sequence``). Rank 0 writes OUT_DIR/result.pt with the losses, metrics and
-first gradients of the run and of the single-process reference.
+``lightning_mqsp.gather_sequence``). Each precision is trained in turn in the same processes (launched
+once); rank 0 writes OUT_DIR/<precision>/result.pt with the losses, metrics and first gradients of the
+run and of the single-process reference.
 """
 
 from __future__ import annotations
@@ -98,30 +99,36 @@ def single_process(packed: bool, checkpointing: bool, bf16: bool) -> dict[str, A
     return {"losses": losses, "metrics": metrics, "gradients": gradients}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--packed", action="store_true")
-    parser.add_argument("--checkpointing", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def train(precision: str, out: Path, args: argparse.Namespace) -> None:
     gradients = FirstGradients()
     trainer = Trainer(
-        strategy=MQSPStrategy(sequence_parallel_size=2), accelerator="cpu", devices=2, max_steps=STEPS, precision=args.precision,
+        strategy=MQSPStrategy(sequence_parallel_size=2), accelerator="cpu", devices=2, max_steps=STEPS, precision=precision,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[gradients],
     )
     module = RecipeLM(args.checkpointing)
     trainer.fit(module, DataLoader(samples(args.packed), batch_size=BATCH_SIZE))
     if trainer.global_rank == 0:
-        bf16 = args.precision == "bf16-mixed"
+        bf16 = precision == "bf16-mixed"
         result = {
             "mqsp": {"losses": module.losses, "metrics": module.metrics, "gradients": gradients.gradients},
             "single": single_process(args.packed, args.checkpointing, bf16),
         }
         if bf16:
             result["single_fp32"] = single_process(args.packed, args.checkpointing, bf16=False)
-        torch.save(result, args.out / "result.pt")
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(result, out / "result.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--precision", nargs="+", default=["32-true"])
+    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for precision in args.precision:
+        train(precision, args.out / precision, args)
 
 
 if __name__ == "__main__":
