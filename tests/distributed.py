@@ -23,6 +23,15 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT_S = 30
 
 
+def _worker_context() -> Any:
+    """Workers forked from a fork server that has imported torch and lightning_mqsp once (which takes 13 s of CPU on
+    a slow host: each spawned worker paid it, P of them per pool). The server is a fresh single-threaded process, so
+    forking it is safe where forking the test process, with its threads, would not be."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "lightning_mqsp"])
+    return ctx
+
+
 def _worker(rank: int, world_size: int, init_method: str, tasks: Any, results: Any, pg_timeout_s: float) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -44,7 +53,7 @@ def _worker(rank: int, world_size: int, init_method: str, tasks: Any, results: A
 class WorkerPool:
     def __init__(self, world_size: int, pg_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
         self.world_size = world_size
-        ctx = mp.get_context("spawn")
+        ctx = _worker_context()
         fd, path = tempfile.mkstemp(prefix="mqsp-pg-")
         os.close(fd)
         os.remove(path)  # file:// rendezvous wants a path that does not exist yet
