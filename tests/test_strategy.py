@@ -37,15 +37,21 @@ ATOL = 1e-8  # floor for tensors that are zero up to rounding (e.g. key biases' 
 RUN_TIMEOUT_S = 240
 
 
-def run_script(script: str, *args: str, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a Trainer script in a fresh process (the popen launcher re-runs argv: not pytest's) and load its result."""
-    out.mkdir(parents=True, exist_ok=True)
+def launch(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run a Trainer script in a fresh process (the popen launcher re-runs argv: not pytest's); its stderr."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *args], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})},
     )
     assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stderr[-6000:]}"
-    return torch.load(out / "result.pt", weights_only=False) | {"stderr": proc.stderr}
+    return proc.stderr
+
+
+def run_script(script: str, *args: str, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``launch`` a script that writes one result to ``out``, and load it."""
+    out.mkdir(parents=True, exist_ok=True)
+    stderr = launch(script, *args, env=env)
+    return torch.load(out / "result.pt", weights_only=False) | {"stderr": stderr}
 
 
 def assert_tensors_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str = "model.") -> None:
@@ -61,12 +67,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     turn: each process's imports take 13 s on a slow 2-core host, half the time of three launches."""
     out = tmp_path_factory.mktemp("runs")
     kinds = ("bert", "gpt2", "llama")
-    stderr = run_script("train_mqsp.py", str(out), "--model", *kinds, "--devices", "4", "--sp", "2", "--epochs", str(EPOCHS),
-                        "--validate", "--predict", out=out / "mqsp" / "bert")["stderr"]
-    out = out / "mqsp"
+    stderr = launch("train_mqsp.py", str(out), "--model", *kinds, "--devices", "4", "--sp", "2", "--epochs", str(EPOCHS),
+                    "--validate", "--predict")
     # Each model's messages: those before the line the script writes when it has finished that model.
     messages = re.split(rf"^{FINISHED} \w+$", stderr, flags=re.MULTILINE)[: len(kinds)]
-    return {kind: torch.load(out / kind / "result.pt", weights_only=False) | {"stderr": said, "out": out / kind}
+    folders = {kind: out / "mqsp" / kind for kind in kinds}
+    return {kind: torch.load(folders[kind] / "result.pt", weights_only=False) | {"stderr": said, "out": folders[kind]}
             for kind, said in zip(kinds, messages, strict=True)}
 
 
@@ -148,8 +154,8 @@ def resumed(runs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     one launch."""
     out = tmp_path_factory.mktemp("resumed")
     ckpt = runs["bert"]["out"] / "checkpoints" / "epoch=0-step=2.ckpt"
-    run_script("train_mqsp.py", str(out), "--model", "bert", "--devices", "2", "--sp", "1", "--epochs", str(EPOCHS),
-               "--resume", str(ckpt), "--strategy", "mqsp", "ddp", out=out / "mqsp" / "bert")
+    launch("train_mqsp.py", str(out), "--model", "bert", "--devices", "2", "--sp", "1", "--epochs", str(EPOCHS),
+           "--resume", str(ckpt), "--strategy", "mqsp", "ddp")
     return out
 
 
@@ -257,8 +263,7 @@ RECIPE_PRECISIONS = ("32-true", "bf16-mixed")
 def recipe_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both precisions' runs of scripts/train_recipe.py, one launch (as the `runs` above)."""
     out = tmp_path_factory.mktemp("recipe")
-    run_script("train_recipe.py", str(out), "--packed", "--checkpointing", "--precision", *RECIPE_PRECISIONS,
-               out=out / RECIPE_PRECISIONS[0])
+    launch("train_recipe.py", str(out), "--packed", "--checkpointing", "--precision", *RECIPE_PRECISIONS)
     return out
 
 

@@ -75,6 +75,7 @@ def train(kind: str, strategy_name: str, out: Path, args: argparse.Namespace) ->
     if args.predict:
         result["predictions"] = trainer.predict(module, DataLoader(make_samples(kind, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE))
     if trainer.global_rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "result.pt")
         print(f"{FINISHED} {kind}", file=sys.stderr, flush=True)
 
