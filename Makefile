@@ -2,25 +2,53 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch is pinned: this exact version is served as a CPU wheel from local disk; an open range pulls a CUDA build.
-TORCH_PIN := torch==2.13.0
+EXTRAS := test,examples,triton,lint
+# The versions the suite passed with (every package, pip and torch included). torch==2.13.0 is served here as a
+# CPU wheel from local disk; an open range pulls a multi-GB CUDA build. `make test-latest` refreshes this file.
+LOCK := requirements/lock.txt
 STAMP := $(VENV)/.installed
+# -P keeps the repository root off sys.path: tests import the installed package, as users do.
+# -n 2: the suite's processes wait on each other (gloo ranks, subprocess launches); two workers keep both cores busy.
+PYTEST := -P -m pytest -q -n 2
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-latest test-floor lint demo bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[test,examples,triton,lint]" $(TORCH_PIN)
+	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 # The suite starts over a hundred Python processes: let them cache the bytecode of the repository's own modules
 # (an environment with PYTHONDONTWRITEBYTECODE set compiles lightning_mqsp again in each, 1.5 s of CPU on a slow host).
 test: $(STAMP)
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q
+	PYTHONDONTWRITEBYTECODE= $(PY) $(PYTEST)
+
+# The newest releases pyproject.toml allows (torch stays the CPU build unless LATEST_TORCH=torch: the newest is a
+# CUDA build of several GB), the whole suite on them, and on success the lock file rewritten with what passed.
+LATEST_VENV := .venv-latest
+LATEST_TORCH ?= torch==2.13.0
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" "$(LATEST_TORCH)"
+	PYTHONDONTWRITEBYTECODE= $(LATEST_VENV)/bin/python $(PYTEST)
+	(echo "# make test-latest on $$(date -u +%Y-%m-%d): the versions the whole suite passed with. make install uses them."; \
+	 $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//') > $(LOCK)
+
+# The declared floors (requirements/floor.txt) in their own environment, and the part of the suite that says the
+# package works there: imports and packaging, core attention at P=2, one strategy run, one Hugging Face family.
+FLOOR_VENV := .venv-floor
+FLOOR_TESTS := tests/test_packaging.py tests/test_attention.py tests/test_adapters_huggingface.py \
+	"tests/test_strategy.py::test_mqsp_matches_single_process_bert"
+test-floor:
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c requirements/floor.txt -e ".[test]"
+	PYTHONDONTWRITEBYTECODE= $(FLOOR_VENV)/bin/python $(PYTEST) $(FLOOR_TESTS)
 
 # ruff (style, imports, likely bugs) over the whole tree, mypy over the package and kernels (pyproject.toml).
 lint: $(STAMP)
@@ -34,4 +62,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(FLOOR_VENV) build *.egg-info .pytest_cache

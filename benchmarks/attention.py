@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed._tools.mem_tracker import MemTracker
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `benchmarks` from anywhere, after the installed packages
 
 from benchmarks.baselines import METHODS
 from benchmarks.baselines.common import FP32_TOLERANCE, AttentionFn, Shape, reference_errors

@@ -70,13 +70,14 @@ from transformers import (
     PreTrainedModel,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `benchmarks` from anywhere, after the installed packages
 
 import lightning_mqsp.attention
 from benchmarks.baselines import METHODS
 from benchmarks.baselines import mqsp as mqsp_baseline
 from benchmarks.baselines.common import AttentionFn, Shape
 from lightning_mqsp import chunked_causal_lm_cross_entropy, count_communication
+from lightning_mqsp.adapters.huggingface import enable_activation_checkpointing
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.tiling import tile_token_wise
 
@@ -286,7 +287,7 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     model = build_model(setup, group)
     model.train()
     if setup.recipe in ("checkpointed", *_FULL_RECIPES):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if setup.recipe in _FULL_RECIPES:
         tile_token_wise(model, MLP_TILE)
     if setup.recipe != "ddp":
@@ -1062,10 +1063,9 @@ def main() -> None:
 
 
 def _quiet() -> None:
-    """MemTracker's module hooks warn once per module about weak references under fake tensors, and transformers once
-    per model built about checkpointing: thousands of lines in a length search."""
+    """MemTracker's module hooks warn once per module about weak references under fake tensors: thousands of lines in
+    a length search."""
     warnings.filterwarnings("ignore", message="Module is None")
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.* is deprecated")
     transformers.logging.set_verbosity_error()
 
 

@@ -1,6 +1,6 @@
 """The Triton backend on one H100/H200: correctness, speed against flash SDPA, MQSP's micro-steps.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --out benchmarks/out/gpu_check.json
+    python benchmarks/gpu_check.py --out benchmarks/out/gpu_check.json
 
 Uses the torch and triton installed there; no install, no network; about 5 minutes (a time
 budget, ``--budget-s``, skips what is left rather than overrun). Sections, each guarded so that a
@@ -55,6 +55,10 @@ import torch.nn.functional as F
 from baselines.common import relative_error
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# A checkout that is not installed (the GPU machine) imports lightning_mqsp from the repository root, put after
+# site-packages so that the root never shadows an installed package.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from lightning_mqsp import chunked_cross_entropy, mqsp_attention
 from lightning_mqsp.attention import auto_micro_q_size

@@ -1,5 +1,9 @@
 """lightning-mqsp: Micro-Query Sequence Parallelism for PyTorch Lightning."""
 
+from lightning_mqsp._versions import check_versions
+
+check_versions()  # before the imports below, which would fail on an old torch or transformers with a less useful error
+
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_mqsp.adapters import sequence_parallel_attention

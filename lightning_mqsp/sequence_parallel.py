@@ -186,7 +186,7 @@ class SequenceParallelism(ParallelStrategy):
                     "none: wrap your layers in torch.utils.checkpoint yourself (attention is routed in backward too)."
                 )
             for hf_model in hf_models:
-                hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                huggingface.enable_activation_checkpointing(hf_model)
         if self.mlp_tile_size is not None:
             if not any(type(m).__name__.endswith("MLP") for m in module.modules()):
                 raise ValueError("mlp_tile_size was given, but the module has no MLP (no submodule whose class name ends with 'MLP').")

@@ -42,7 +42,7 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
             group waits for a missing rank before every waiting rank fails with an error that names
             the attention call (default 600). Gradient reduction keeps the strategy's ``timeout``.
         activation_checkpointing: recompute every Hugging Face decoder layer in backward instead of
-            keeping its activations (``gradient_checkpointing_enable``, non-reentrant).
+            keeping its activations (``activation_checkpointing_enable``, non-reentrant).
         offload_activations: keep what the forward saves for backward (with activation
             checkpointing: the layers' input hidden states) in host memory, pinned on a GPU
             (``torch.autograd.graph.save_on_cpu``), and bring it back in backward; the attention keeps

@@ -49,7 +49,7 @@ def run_family(name: str, recipe: str, layout: str) -> dict[str, dict[str, float
 
     model = family.build().train()
     if recipe.startswith("checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": recipe.endswith("reentrant")})
+        huggingface.enable_activation_checkpointing(model, use_reentrant=recipe.endswith("reentrant"))
     undo = huggingface.prepare(model)
     context = SequenceParallelContext(layout=layout, group=None, rank=rank, world_size=world_size, labels_shifted=family.causal)
     sharder = BatchSharder(rank=rank, world_size=world_size, layout=layout, shift_labels=family.causal,
@@ -127,7 +127,7 @@ def peak_with_checkpointing(checkpointing: bool) -> int:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                          intermediate_size=256, max_position_embeddings=2048)).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        huggingface.enable_activation_checkpointing(model)
     huggingface.prepare(model)
     context = SequenceParallelContext(layout="zigzag", rank=rank, world_size=world_size, labels_shifted=True)
     ids = torch.randint(3, 97, (1, 1024), generator=torch.Generator().manual_seed(0))

@@ -55,7 +55,7 @@ def children(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Chi
     folder = tmp_path_factory.mktemp("triton")
     interpreted = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     started = {
-        name: Child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", str(CASES), "-k", expression],
+        name: Child([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", str(CASES), "-k", expression],
                     interpreted, folder / f"{name}.log")
         for name, expression in INTERPRETED_GROUPS.items()
     }

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ folder is not installed
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed: the root, after site-packages
 
 import benchmarks.estimate_memory as estimate_memory
 from benchmarks.estimate_memory import (

@@ -145,7 +145,7 @@ def test_the_fused_liger_loss_under_the_triton_interpreter() -> None:
     cases: triton reads it when it is imported)."""
     cases = Path(__file__).with_name("_liger_loss_cases.py")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", str(cases)],
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", str(cases)],
         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=cases.parent.parent, capture_output=True, text=True, timeout=280,
     )
     report = result.stdout + result.stderr

@@ -41,7 +41,7 @@ def launch(script: str, *args: str, env: dict[str, str] | None = None) -> str:
     """Run a Trainer script in a fresh process (the popen launcher re-runs argv: not pytest's); its stderr."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *args], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
     assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stderr[-6000:]}"
     return proc.stderr
@@ -248,7 +248,7 @@ def test_a_failing_rank_ends_every_rank_with_a_named_error(mode: str, names: str
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "failing_rank.py"), mode, str(timeout_s)], cwd=REPO, capture_output=True, text=True,
-        timeout=150, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "CollectiveError: mqsp_attention: the query gather" in line]
@@ -304,7 +304,7 @@ def test_two_nodes_keep_sequence_parallelism_inside_a_node(references: dict, tmp
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     nodes = [subprocess.Popen([sys.executable, str(SCRIPTS / "two_nodes.py"), str(tmp_path)], cwd=REPO, env={**env, "NODE_RANK": str(n)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
     outputs = [node.communicate(timeout=240) for node in nodes]

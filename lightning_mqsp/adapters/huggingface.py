@@ -142,6 +142,19 @@ def huggingface_models(model: nn.Module) -> list[PreTrainedModel]:
     return found
 
 
+def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
+    """Checkpoint every decoder layer of ``model`` (the strategy's choice: non-reentrant).
+
+    transformers 5.25 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and
+    deprecated the old name (removed in v6); earlier 5.x releases have only the old one.
+    """
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def absolute_position_limit(model: nn.Module) -> tuple[str, int] | None:
     """(name, size) of the model's learned absolute position embedding table, if it has one."""
     for name, module in model.named_modules():

@@ -30,6 +30,7 @@ from hf_families import FAMILIES, make_batch
 from single_process_training import dp_batches
 
 from lightning_mqsp import MQSPStrategy, gather_sequence
+from lightning_mqsp.adapters.huggingface import enable_activation_checkpointing
 
 SAMPLES, BATCH_SIZE, STEPS = 4, 2, 2
 
@@ -53,7 +54,7 @@ class RecipeLM(LightningModule):
         super().__init__()
         self.model = FAMILIES["llama"].build()
         if checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.target_probability = torchmetrics.MeanMetric()
         self.losses: list[float] = []
         self.metrics: list[float] = []

@@ -1,1 +1,0 @@
-"""Triton kernels for MQSP's local partial attention (installed as ``lightning_mqsp.kernels``)."""
