@@ -9,7 +9,8 @@ LOCK := requirements/lock.txt
 STAMP := $(VENV)/.installed
 # -P keeps the repository root off sys.path: tests import the installed package, as users do.
 # -n 2: the suite's processes wait on each other (gloo ranks, subprocess launches); two workers keep both cores busy.
-PYTEST := -P -m pytest -q -n 2
+# loadgroup: a module whose module-scoped fixture launches a multi-process run stays on one worker (xdist_group).
+PYTEST := -P -m pytest -q -n 2 --dist loadgroup
 
 .PHONY: install test test-latest test-floor lint demo bench clean
 
@@ -43,7 +44,7 @@ test-latest:
 # package works there: imports and packaging, core attention at P=2, one strategy run, one Hugging Face family.
 FLOOR_VENV := .venv-floor
 FLOOR_TESTS := tests/test_packaging.py tests/test_attention.py tests/test_adapters_huggingface.py \
-	"tests/test_strategy.py::test_mqsp_matches_single_process_bert"
+	"tests/test_strategy.py::test_loss_and_gradients_match_single_process[bert]"
 test-floor:
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip

@@ -111,7 +111,8 @@ def test_relative_position_bias_is_refused_at_setup() -> None:
     from transformers import T5Config, T5EncoderModel
 
     model = T5EncoderModel(T5Config(vocab_size=50, d_model=32, d_kv=8, num_layers=2, num_heads=4, d_ff=64))
-    with pytest.raises(ValueError, match="relative position bias"):
+    # transformers 5.0's T5 does not dispatch through AttentionInterface at all: refused by name either way.
+    with pytest.raises(ValueError, match=r"relative position bias|does not dispatch through transformers' AttentionInterface"):
         huggingface.prepare(model)
 
 

@@ -109,10 +109,16 @@ def mqsp_attention_forward(
 
 
 def mqsp_mask(
-    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-    mask_function: Callable | None = None, attention_mask: Tensor | None = None, use_vmap: bool = False, **kwargs: Any,
+    batch_size: int, q_length: int | None = None, kv_length: int = 0, q_offset: int = 0, kv_offset: int = 0,
+    mask_function: Callable | None = None, attention_mask: Tensor | None = None, use_vmap: bool = False,
+    cache_position: Tensor | None = None, **kwargs: Any,
 ) -> Tensor | None:
-    """The ``AttentionMaskInterface`` entry: the 2-D key-padding mask, unchanged (see the module docstring)."""
+    """The ``AttentionMaskInterface`` entry: the 2-D key-padding mask, unchanged (see the module docstring).
+
+    transformers 5.0 passes the query positions as ``cache_position`` where later releases pass ``q_length`` and
+    ``q_offset``."""
+    if q_length is None and cache_position is not None:
+        q_length, q_offset = cache_position.numel(), int(cache_position[0]) if cache_position.numel() else 0
     if q_offset or kv_offset or kv_length != q_length:
         raise ValueError("MQSP attention does not support a key/value cache (generation): use it for training and scoring.")
     if use_vmap:  # transformers' sign of or_mask_function / and_mask_function overlays (e.g. bidirectional image tokens)
