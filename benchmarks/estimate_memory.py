@@ -73,6 +73,7 @@ from transformers import (
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # `benchmarks` from anywhere, after the installed packages
 
 import lightning_mqsp.attention
+import lightning_mqsp.offload
 from benchmarks.baselines import METHODS
 from benchmarks.baselines import mqsp as mqsp_baseline
 from benchmarks.baselines.common import AttentionFn, Shape
@@ -383,17 +384,19 @@ class _ChunkedLoss(torch.nn.Module):
 
 
 class _HostMemory:
-    """Offload of what the forward saves for backward, as ``save_on_cpu`` does on a GPU, for the accounting of a
+    """Offload of what the forward saves for backward, as ``offload.offloaded_saved_tensors`` does on a GPU, for the accounting of a
     CPU run: a saved floating-point tensor leaves the device's tally (it is kept as an empty ``meta`` tensor) and
     joins the host's until backward has used it; backward gets zeros of its shape (values do not matter to a memory
     measurement)."""
 
     def __init__(self) -> None:
         self.bytes = self.peak_bytes = 0
+        self.held: set[int] = set()  # ids of the copies in host memory already (offloaded queries)
 
     def offload(self) -> Any:
         def pack(tensor: Tensor) -> Tensor | tuple[Tensor, torch.device]:
-            if not tensor.is_floating_point():  # indices and masks: tiny, and their values matter even here
+            # Indices and masks: tiny, and their values matter even here. A host copy stays as it is (offload.py).
+            if not tensor.is_floating_point() or id(tensor) in self.held:
                 return tensor
             return self._hold(tensor), tensor.device
 
@@ -409,17 +412,17 @@ class _HostMemory:
     def queries(self) -> Iterator[None]:
         """MQSP's ``offload_queries`` copies, counted the same way: in host memory while they live (a layer's, through its
         backward), read back a micro-step's rows at a time as zeros of their shape."""
-        attention = lightning_mqsp.attention
+        offload = lightning_mqsp.offload
 
-        def from_host(x: Tensor, device: torch.device) -> Tensor:
+        def to_device(x: Tensor, device: torch.device) -> Tensor:
             return torch.zeros(x.shape, dtype=x.dtype, device=device)
 
-        replaced = attention._to_host, attention._from_host
-        attention._to_host, attention._from_host = self._hold, from_host
+        replaced = offload.to_host, offload.to_device
+        offload.to_host, offload.to_device = self._hold, to_device
         try:
             yield
         finally:
-            attention._to_host, attention._from_host = replaced
+            offload.to_host, offload.to_device = replaced
 
     def _hold(self, tensor: Tensor) -> Tensor:
         """A copy in host memory: counted from now until it is freed (a ``meta`` tensor of its shape)."""
@@ -428,6 +431,8 @@ class _HostMemory:
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         copy = tensor.to("meta")
         weakref.finalize(copy, self._release, nbytes)
+        self.held.add(id(copy))
+        weakref.finalize(copy, self.held.discard, id(copy))
         return copy
 
     def _release(self, nbytes: int) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_mqsp import comm, merge
+from lightning_mqsp import comm, merge, offload
 from lightning_mqsp.backends import LocalAttentionBackend, accumulation_dtype, resolve_backend
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.dropout import draw_seed
@@ -369,31 +369,11 @@ def _key_value_grads(ctx: Any, grad_key: Tensor, grad_value: Tensor, key: Tensor
             grad_value.to(value.dtype) if value_is_leaf else _narrow_in_place(grad_value, value.dtype))
 
 
-def _to_host(x: Tensor) -> Tensor:
-    """A copy of ``x`` in host memory, stored as ``x`` is (pinned, so that backward's copies of its rows back to the
-    device are asynchronous); ``x`` itself when it is on the CPU already. The memory estimates replace this and
-    :func:`_from_host` to count the copy as host memory (``benchmarks/estimate_memory.py``)."""
-    if x.device.type == "cpu":
-        return x
-    pinned = torch.cuda.is_available()
-    # Same strides (of a dense tensor), so that the copy needs no contiguous temporary on the device.
-    return torch.empty_like(x, device="cpu", pin_memory=pinned).copy_(x, non_blocking=pinned)
-
-
-def _from_host(x: Tensor, device: torch.device) -> Tensor:
-    """Rows of a :func:`_to_host` copy on ``device`` (``x`` itself when it is there). The rows of a group of heads lie
-    strided in the copy: they go through a pinned staging copy first, as a strided source would otherwise be staged
-    in pageable memory, which makes the copy to the device synchronous."""
-    if x.device == device:
-        return x
-    if x.is_pinned() and not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
-        x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
-    return x.to(device, non_blocking=True)
-
-
 def _saved_query(query: Tensor, plan: _Plan) -> Tensor:
-    """The query as the forward saves it for backward: in host memory with ``offload_queries``."""
-    return _to_host(query) if plan.offload_queries else query
+    """The query as the forward saves it for backward: in host memory with ``offload_queries`` (the copy is started
+    here and read back a micro-step's rows at a time through :func:`offload.to_device`, which orders each read after
+    it). The memory estimates replace both to count the copy as host memory (``benchmarks/estimate_memory.py``)."""
+    return offload.to_host(query) if plan.offload_queries else query
 
 
 def _head_groups(groups: int, heads: int, kv_heads: int) -> list[tuple[slice, slice]]:
@@ -477,7 +457,7 @@ class _LocalAttention(torch.autograd.Function):
             for start, stop, sources in _LocalAttention._blocks(plan, _LOCAL_BLOCK_ROWS * plan.head_groups):
                 rows = slice(start, stop)
                 grad_query[:, :, rows] = plan.backend.backward(
-                    _from_host(query[:, :, rows], grad_out.device), key, value, grad_out[:, :, rows],
+                    offload.to_device(query[:, :, rows], grad_out.device), key, value, grad_out[:, :, rows],
                     row_max[:, :, rows].contiguous(), row_log_sum[:, :, rows].contiguous(),
                     _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype, plan.head_groups),
                     masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
@@ -569,7 +549,7 @@ class _MQSPAttention(torch.autograd.Function):
             step_grad_out = grad_out[:, :, start:stop]
             delta = _row_dots(step_grad_out, out[:, :, start:stop], dtype, plan.head_groups)
             stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
-            step_query = _from_host(query[:, :, start:stop], grad_out.device)
+            step_query = offload.to_device(query[:, :, start:stop], grad_out.device)
             rows = torch.cat([step_query, step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
             return _share_rows(rows, routes[j], plan, "mqsp_attention: the backward gather of queries, output gradients, row statistics")
 

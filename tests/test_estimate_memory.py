@@ -134,12 +134,14 @@ def test_parameters_in_host_memory_leave_the_device(world_size: int) -> None:
 
 
 class _CopiesOnHost(estimate_memory._HostMemory):
-    """What ``torch.autograd.graph.save_on_cpu`` does on a GPU, on this CPU: every saved tensor copied into a new
-    host tensor of its own size (on a CPU, ``save_on_cpu`` keeps the tensor itself), the copies' live bytes followed
+    """What ``offload.offloaded_saved_tensors`` does on a GPU, on this CPU: every saved tensor not in host memory yet
+    copied into a new host tensor of its own size (on a CPU it keeps the tensor itself), the copies' live bytes followed
     until backward frees them. The attention's offloaded queries are counted as the estimate counts them."""
 
     def offload(self) -> Any:
         def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+            if id(tensor) in self.held:  # an offloaded query: in host memory already, kept as it is
+                return tensor.device, tensor
             copy = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout).copy_(tensor)
             nbytes = copy.untyped_storage().nbytes()
             self.bytes += nbytes
