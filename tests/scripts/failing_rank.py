@@ -3,7 +3,8 @@
     python tests/scripts/failing_rank.py {raise,exit,hang} TIMEOUT_S
 
 ``raise``: rank 1 raises; ``exit``: rank 1's process dies (os._exit); ``hang``: rank 1 never comes
-back. Rank 0 is then waiting in an attention collective; the run must end on every rank within
+back; ``linger``: rank 1 reports a failure, as the strategy does for an exception, and then hangs with its
+process alive. Rank 0 is then waiting in an attention collective; the run must end on every rank within
 the sequence-parallel timeout, with an error that names mqsp_attention (and rank 1, when known).
 """
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_lm import TinyLM, make_samples
 
-from lightning_mqsp import MQSPStrategy
+from lightning_mqsp import MQSPStrategy, comm
 
 
 class FailingLM(TinyLM):
@@ -35,6 +36,8 @@ class FailingLM(TinyLM):
                 raise RuntimeError("rank 1 broke on purpose")
             if self.mode == "exit":
                 os._exit(3)
+            if self.mode == "linger":
+                comm.report_failure(RuntimeError("rank 1 broke on purpose"))
             time.sleep(3600)
         return super().training_step(batch, batch_idx)
 
