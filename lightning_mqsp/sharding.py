@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
@@ -222,10 +222,18 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
-def all_gather_sequence(x: Tensor, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1) -> Tensor:
-    """The full-length tensor from every rank's shard ``x`` (not differentiable), trimmed to ``full_length``."""
+def all_gather_sequence(
+    x: Tensor, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1, first_rank_only: bool = False,
+) -> Tensor | None:
+    """The full-length tensor from every rank's shard ``x`` (not differentiable), trimmed to ``full_length``: on every
+    rank, or with ``first_rank_only`` on the group's first rank alone (``None`` on the others, which keep nothing)."""
     if comm.group_size(group) == 1:
         full = x
+    elif first_rank_only:
+        shards = comm.gather_to_first_rank(x.detach(), group, "gathering a sequence to the group's first rank")
+        if shards is None:
+            return None
+        full = unshard_sequence(list(shards.unbind(0)), dim, layout)
     else:
         full = unshard_sequence(list(comm.all_gather(x.detach(), group, "gathering a sequence").wait().unbind(0)), dim, layout)
     return full if full_length is None else full.narrow(dim, 0, full_length)
@@ -244,25 +252,39 @@ def gather_sequence(x: Tensor, dim: int = 1) -> Tensor:
     context = active_context()
     if context is None or context.world_size == 1:
         return x
-    return all_gather_sequence(x, context.group, context.layout, context.full_length, dim)
+    full = all_gather_sequence(x, context.group, context.layout, context.full_length, dim)
+    assert full is not None
+    return full
+
+
+#: Where ``predict_step`` puts its outputs' sequence tensors (the strategies' ``predict_outputs``).
+PredictOutputs = Literal["shard", "first_rank", "all"]
+PREDICT_OUTPUTS: tuple[str, ...] = get_args(PredictOutputs)
 
 
 def gather_outputs(
     outputs: Any, local_length: int, group: ProcessGroup | None, layout: Layout, full_length: int | None, dim: int = 1,
+    first_rank_only: bool = False,
 ) -> Any:
-    """Gather every tensor of ``outputs`` (nested dicts/tuples/ModelOutputs) that has the local sequence length at ``dim``."""
-    if isinstance(outputs, Tensor):
-        if outputs.dim() > dim and outputs.size(dim) == local_length:
-            return all_gather_sequence(outputs, group, layout, full_length, dim)
-        return outputs
-    if isinstance(outputs, Mapping):
-        gathered = {k: gather_outputs(v, local_length, group, layout, full_length, dim) for k, v in outputs.items()}
-        if type(outputs) is dict:
-            return gathered
-        return type(outputs)(**gathered) if _is_model_output(outputs) else type(outputs)(gathered)  # type: ignore[call-arg]
-    if isinstance(outputs, (tuple, list)) and not _is_namedtuple(outputs):
-        return type(outputs)(gather_outputs(v, local_length, group, layout, full_length, dim) for v in outputs)
-    return outputs
+    """Gather every tensor of ``outputs`` (nested dicts/tuples/ModelOutputs) that has the local sequence length at
+    ``dim``; with ``first_rank_only``, to the group's first rank, and ``None`` is returned on the others."""
+
+    def gather(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            if value.dim() > dim and value.size(dim) == local_length:
+                return all_gather_sequence(value, group, layout, full_length, dim, first_rank_only)
+            return value
+        if isinstance(value, Mapping):
+            gathered = {k: gather(v) for k, v in value.items()}
+            if type(value) is dict:
+                return gathered
+            return type(value)(**gathered) if _is_model_output(value) else type(value)(gathered)  # type: ignore[call-arg]
+        if isinstance(value, (tuple, list)) and not _is_namedtuple(value):
+            return type(value)(gather(v) for v in value)
+        return value
+
+    gathered = gather(outputs)  # every rank walks the outputs: the gathers are collective
+    return None if first_rank_only and comm.group_size(group) > 1 and comm.group_rank(group) != 0 else gathered
 
 
 def _is_model_output(x: Any) -> bool:

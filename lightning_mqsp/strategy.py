@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_mqsp.layout import Layout
 from lightning_mqsp.mesh import DEFAULT_SEQUENCE_PARALLEL_TIMEOUT
 from lightning_mqsp.sequence_parallel import SequenceParallelism
-from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS
+from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS, PredictOutputs
 
 
 class MQSPStrategy(SequenceParallelism, DDPStrategy):
@@ -45,7 +45,8 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
             keeping its activations (``activation_checkpointing_enable``, non-reentrant).
         offload_activations: keep what the forward saves for backward (with activation
             checkpointing: the layers' input hidden states) in host memory, pinned on a GPU
-            (``torch.autograd.graph.save_on_cpu``), and bring it back in backward; the attention keeps
+            (:func:`lightning_mqsp.offload.offloaded_saved_tensors`: asynchronous copies ordered by events), and
+            bring it back in backward; the attention keeps
             its queries there through backward as well and copies back one micro-step's rows at a time
             (``offload_queries`` of ``mqsp_attention``).
         mlp_tile_size: run every MLP and normalisation layer on this many tokens at a time, each tile recomputed in backward
@@ -53,6 +54,12 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         attention_head_groups: run the attention's backward over its key/value heads in this many groups, one
             after the other (``head_groups`` of ``mqsp_attention``; it must divide the model's key/value heads):
             the float32 dK/dV accumulators hold one group's heads at a time.
+        predict_outputs: what ``predict_step`` returns of the outputs' [batch, sequence, ...] tensors: ``"shard"``
+            (default) each rank's own tokens, as the model computed them (in the ``layout``'s order, with the
+            strategy's padding); ``"first_rank"`` the full sequences, in order and without padding, on the first
+            rank of each sequence-parallel group (the others return ``None``); ``"all"`` the full sequences on
+            every rank. Full-length logits can be huge ([B, L, vocab]: 256 GB in bf16 at L = 1M with a 128k
+            vocabulary), so a full gather is opt-in.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -73,11 +80,12 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         offload_activations: bool = False,
         mlp_tile_size: int | None = None,
         attention_head_groups: int = 1,
+        predict_outputs: PredictOutputs = "shard",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
-            attention_head_groups,
+            attention_head_groups, predict_outputs,
         )

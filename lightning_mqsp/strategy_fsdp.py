@@ -36,7 +36,7 @@ from lightning_mqsp.adapters import huggingface
 from lightning_mqsp.layout import Layout
 from lightning_mqsp.mesh import DEFAULT_SEQUENCE_PARALLEL_TIMEOUT
 from lightning_mqsp.sequence_parallel import SequenceParallelism
-from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS
+from lightning_mqsp.sharding import DEFAULT_SEQUENCE_KEYS, PredictOutputs
 
 
 class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
@@ -62,6 +62,8 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         mlp_tile_size: run every MLP and normalisation layer on this many tokens at a time, each tile recomputed in backward.
         attention_head_groups: run the attention's backward over its key/value heads in this many groups
             (``head_groups`` of ``mqsp_attention``): float32 dK/dV accumulators for one group at a time.
+        predict_outputs: ``"shard"`` (default), ``"first_rank"`` or ``"all"``: where ``predict_step``'s outputs
+            are gathered to full length (see :class:`~lightning_mqsp.MQSPStrategy`).
         mixed_precision: compute with bfloat16 parameters while the sharded master weights and the
             gradient reduction stay float32 (FSDP2 ``MixedPrecisionPolicy``).
         offload_parameters: keep the sharded parameters, their gradients and the optimizer state in host
@@ -90,6 +92,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         offload_activations: bool = False,
         mlp_tile_size: int | None = None,
         attention_head_groups: int = 1,
+        predict_outputs: PredictOutputs = "shard",
         mixed_precision: bool = False,
         offload_parameters: bool = False,
         save_distributed_checkpoint: bool = True,
@@ -99,7 +102,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
-            attention_head_groups,
+            attention_head_groups, predict_outputs,
         )
         self.mixed_precision = mixed_precision
         self.offload_parameters = offload_parameters

@@ -86,6 +86,23 @@ def test_gather_sequence_restores_original_order(workers, layout: str) -> None:
     assert workers(2).run(_gather_on_rank, layout) == [True, True]
 
 
+def _gather_outputs_to_first_rank(layout: str) -> tuple[bool, bool]:
+    """(whether this rank got the full outputs, whether it got None) when gathering to the group's first rank."""
+    import torch.distributed as dist
+
+    full = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    local = BatchSharder(dist.get_rank(), 2, layout).shard({"inputs_embeds": full})["inputs_embeds"]
+    gathered = gather_outputs({"logits": local, "pooled": full[:, 0]}, local.size(1), None, layout, 6, first_rank_only=True)
+    return gathered is not None and torch.equal(gathered["logits"], full) and torch.equal(gathered["pooled"], full[:, 0]), gathered is None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_gather_outputs_to_the_first_rank_only(workers, layout: str) -> None:
+    """predict_outputs="first_rank": the group's first rank gets the full outputs, in order; the other gets None."""
+    assert workers(2).run(_gather_outputs_to_first_rank, layout) == [(True, False), (False, True)]
+
+
 def _documents(parts: list[BatchSharder], layout: str) -> torch.Tensor:
     return unshard_sequence([p.last_document_ids for p in parts], 1, layout)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -27,6 +28,7 @@ from tiny_lm import TinyLM, make_samples
 
 import lightning_mqsp  # noqa: F401  (registers "mqsp")
 from lightning_mqsp import MQSPStrategy
+from lightning_mqsp.sharding import PREDICT_OUTPUTS
 
 BATCH_SIZE = 2
 FINISHED = "FINISHED"
@@ -72,8 +74,14 @@ def train(kind: str, strategy_name: str, out: Path, args: argparse.Namespace) ->
     if args.validate:
         val = DataLoader(make_samples(kind, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE)
         result["validate"] = trainer.validate(module, val, verbose=False)[0]
-    if args.predict:
-        result["predictions"] = trainer.predict(module, DataLoader(make_samples(kind, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE))
+    if args.predict:  # each of the strategy's predict_outputs, and what every rank holds of the logits then
+        result["predictions"], result["predictions_held"] = {}, {}
+        for mode in PREDICT_OUTPUTS:
+            trainer.strategy.predict_outputs = mode
+            predictions = trainer.predict(module, DataLoader(make_samples(kind, VAL_SAMPLES, seed=2), batch_size=BATCH_SIZE))
+            held: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(held, [None if p is None else tuple(p["logits"].shape) for p in predictions])
+            result["predictions"][mode], result["predictions_held"][mode] = predictions, held
     if trainer.global_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "result.pt")
