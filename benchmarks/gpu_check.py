@@ -24,7 +24,11 @@ failure in one is recorded and the others still run:
    bf16): loss and gradient differences, forward+backward time and peak. liger-kernel is not installed on the GPU
    machine, which has no network: carry its wheel (``pip download --no-deps "liger-kernel>=0.8.5,<0.9" -d
    benchmarks/out/wheels`` here, ``pip install --no-deps benchmarks/out/wheels/*.whl`` there before this script);
-   without it the section records why it was skipped.
+   without it the section records why it was skipped;
+7. P = 2 and 4 ranks sharing this GPU (``gpu_ranks.py``, which runs alone too): ``mqsp_attention``'s multi-rank
+   paths on CUDA tensors (zigzag causal, unmasked, padding, documents, GQA, bf16, head groups, batch 2, offloaded
+   queries, checkpointed) against float64, what NCCL allows with two ranks on one device, and the full recipe's
+   Trainer step against one process (every gradient within twice what bf16 alone moves it).
 
 FLOPs: forward 4 B H S^2 D (halved when causal), forward+backward 3.5 times that. Goals:
 Triton forward+backward >= 0.8x flash at S = 16k (D 64 and 128, causal and not), mqsp_attention
@@ -50,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gpu_ranks
 import torch
 import torch.nn.functional as F
 from baselines.common import relative_error
@@ -258,6 +263,16 @@ def check_loss_kernels(sizes: Sizes) -> dict[str, object]:
         f"torch {report['torch_seconds']:.3f} s; peaks {report['liger_peak_bytes']} / {report['torch_peak_bytes']}; "
         f"loss difference {report['loss_difference']:.1e}, dhidden {report['dhidden_error']:.1e}, dweight {report['dweight_error']:.1e}")
     return report
+
+
+def check_ranks() -> dict[str, object]:
+    """Section 7: P = 2 and 4 processes on this GPU (``gpu_ranks.py``): mqsp_attention's cases against float64, what
+    NCCL allows, and the full recipe's Trainer step against one process; its table printed, its rows kept."""
+    report = gpu_ranks.run(dry_run=False)
+    log("\n".join(gpu_ranks.table(report)))
+    if not report.ok:
+        raise RuntimeError("a multi-rank case or the recipe step is off: see the table above and report['ranks']")
+    return asdict(report)
 
 
 def time_ms(fn: Callable[[], object], device: str) -> float:
@@ -484,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ("offload", lambda: check_offload(sizes), lambda result: report.update(offload=result)),
         ("loss_kernels", lambda: check_loss_kernels(sizes), lambda result: report.update(loss_kernels=result)),
     ]
+    if not args.dry_run:  # its own dry run is tests/test_gpu_ranks.py (the interpreter would take minutes here)
+        sections.append(("ranks", check_ranks, lambda result: report.update(ranks=result)))
     for name, run, store in sections:
         log(f"[{time.monotonic() - start:6.1f} s] {name}")
         try:

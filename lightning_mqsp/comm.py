@@ -28,6 +28,9 @@ from torch import Tensor
 ProcessGroup = dist.ProcessGroup
 
 _FAILURE_KEY = "lightning_mqsp/failed_rank/{}"
+_ANY_FAILURE_KEY = "lightning_mqsp/a_rank_failed"  # one key for the watchdog to poll (lightning_mqsp/watchdog.py)
+# Set by the watchdog when a rank reported a failure: collectives raise instead of waiting for it.
+_peer_failure: str | None = None
 # torch 2.13 renamed the tensor collectives (the old names warn); torch 2.11 has only the old ones.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -79,8 +82,50 @@ def report_failure(error: BaseException) -> None:
         return
     try:
         store.set(_FAILURE_KEY.format(dist.get_rank()), f"{type(error).__name__}: {error}"[:300])
+        store.add(_ANY_FAILURE_KEY, 1)
     except Exception:  # noqa: BLE001 - the store may be gone already; the peers then name no rank
         pass
+
+
+def failures_reported() -> int | None:
+    """How many failures the ranks have reported so far (one look at the store; ``None`` without a store). The
+    watchdog compares it with the count when it started, so that a failure of an earlier run in the same processes
+    does not end this one."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        return store.add(_ANY_FAILURE_KEY, 0)
+    except Exception:  # noqa: BLE001 - a store that is gone: its owner, rank 0, ended; the collectives will say so
+        return None
+
+
+def forget_own_failure() -> None:
+    """A new run: this rank's report of an earlier failure no longer names it, and its collectives run again."""
+    clear_peer_failure()
+    store = _store()
+    try:
+        if store is not None:
+            store.delete_key(_FAILURE_KEY.format(dist.get_rank()))
+    except Exception:  # noqa: BLE001 - nothing to forget
+        pass
+
+
+def mark_peer_failure(cause: str) -> None:
+    """From now on every collective of this process raises :class:`CollectiveError` with ``cause``."""
+    global _peer_failure
+    _peer_failure = cause
+
+
+def clear_peer_failure() -> None:
+    global _peer_failure
+    _peer_failure = None
+
+
+def _raise_if_a_peer_failed(what: str, group: ProcessGroup | None) -> None:
+    if _peer_failure is not None:
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        raise CollectiveError(f"{what} over the sequence-parallel group (global ranks {ranks}) was abandoned: {_peer_failure}.")
 
 
 def _store() -> dist.Store | None:
@@ -92,7 +137,7 @@ def _store() -> dist.Store | None:
         return None
 
 
-def _reported_failures(group: ProcessGroup | None) -> list[str]:
+def reported_failures(group: ProcessGroup | None) -> list[str]:
     store = _store()
     if store is None:
         return []
@@ -109,7 +154,7 @@ def _reported_failures(group: ProcessGroup | None) -> list[str]:
 
 def describe_failure(what: str, group: ProcessGroup | None, error: BaseException) -> str:
     """The message of a failed collective: what it was, who failed (when known), and what to check."""
-    reported = _reported_failures(group)
+    reported = reported_failures(group)
     said = str(error).lower()
     if reported:
         cause = "; ".join(reported)
@@ -134,6 +179,12 @@ class Pending:
         self._work = work
         self._what = what
         self._group = group
+        self._device: torch.device | None = None  # where the result goes when it was computed on host copies
+
+    def to(self, device: torch.device) -> Pending:
+        """Hand the result over on ``device`` (a collective staged through host memory, :func:`_staged_on_host`)."""
+        self._device = device
+        return self
 
     def wait(self) -> Tensor:
         """The result, once; the handle lets go of it so that the caller alone decides its lifetime."""
@@ -143,18 +194,55 @@ class Pending:
                 work.wait()
             except Exception as error:
                 raise CollectiveError(describe_failure(self._what, self._group, error)) from error
+            _raise_if_a_peer_failed(self._what, self._group)  # on NCCL wait() returns before the data is there
         result, self._result = self._result, None
         if result is None:
             raise RuntimeError("Pending.wait() was already called: the result was handed over then.")
-        return result
+        return result if self._device is None else result.to(self._device, non_blocking=True)
+
+
+def _staged_on_host(x: Tensor, group: ProcessGroup | None) -> bool:
+    """Whether a collective of ``x`` runs on a host copy: a device tensor over gloo. gloo takes CUDA tensors for only
+    some collectives; P processes that share one GPU (``benchmarks/gpu_ranks.py``; NCCL refuses two ranks on one
+    device) go through host memory for all of them."""
+    return x.device.type != "cpu" and x.device.type != "meta" and dist.is_initialized() and dist.get_backend(group) == "gloo"
 
 
 def group_size(group: ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
+def group_rank(group: ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def gather_to_first_rank(x: Tensor, group: ProcessGroup | None, what: str = "gather") -> Tensor | None:
+    """[...] on every rank -> [P, ...] (rank order) on the group's first rank, ``None`` on the others; the others
+    allocate nothing for the result."""
+    _raise_if_a_peer_failed(what, group)
+    if _staged_on_host(x, group):
+        gathered = gather_to_first_rank(x.cpu(), group, what)
+        return None if gathered is None else gathered.to(x.device)
+    size = group_size(group)
+    if size == 1:
+        return x.unsqueeze(0)
+    x = x.contiguous()
+    first = group_rank(group) == 0
+    out = x.new_empty((size, *x.shape)) if first else None
+    if not first:
+        record_bytes_sent("gather", x.numel() * x.element_size())
+    try:
+        dist.gather(x, list(out.unbind(0)) if out is not None else None, group=group, group_dst=0)
+    except Exception as error:
+        raise CollectiveError(describe_failure(what, group, error)) from error
+    return out
+
+
 def all_gather(x: Tensor, group: ProcessGroup | None, what: str = "all-gather") -> Pending:
     """[...] on every rank -> [P, ...] (rank order), asynchronously."""
+    _raise_if_a_peer_failed(what, group)
+    if _staged_on_host(x, group):
+        return all_gather(x.cpu(), group, what).to(x.device)
     size = group_size(group)
     if size == 1:
         return Pending(x.unsqueeze(0), None)
@@ -167,6 +255,9 @@ def all_gather(x: Tensor, group: ProcessGroup | None, what: str = "all-gather") 
 
 def all_to_all(x: Tensor, group: ProcessGroup | None, what: str = "all-to-all") -> Pending:
     """[P, ...] with slice s meant for rank s -> [P, ...] with slice s received from rank s."""
+    _raise_if_a_peer_failed(what, group)
+    if _staged_on_host(x, group):
+        return all_to_all(x.cpu(), group, what).to(x.device)
     size = group_size(group)
     if size == 1:
         return Pending(x, None)
@@ -186,6 +277,9 @@ def exchange(x: Tensor, send_to: tuple[int, ...], receive_from: tuple[int, ...],
     ``receive_from`` (callers derive both from host-known facts all ranks share). A pair that exchanges
     nothing costs nothing. With every rank in both lists this is :func:`all_to_all`. Counted under ``counted_as``
     (an all-gather made of copies for every rank counts as one)."""
+    _raise_if_a_peer_failed(what, group)
+    if _staged_on_host(x, group):
+        return exchange(x.cpu(), send_to, receive_from, group, what, counted_as).to(x.device)
     size = group_size(group)
     if size == 1:
         return Pending(x, None)
@@ -209,6 +303,9 @@ def exchange_is_cheaper_than_all_gather(group: ProcessGroup | None) -> bool:
 
 def reduce_scatter(x: Tensor, group: ProcessGroup | None, what: str = "reduce-scatter") -> Pending:
     """[P, ...] -> [...]: the sum over ranks of slice ``rank``, asynchronously."""
+    _raise_if_a_peer_failed(what, group)
+    if _staged_on_host(x, group):
+        return reduce_scatter(x.cpu(), group, what).to(x.device)
     size = group_size(group)
     if size == 1:
         return Pending(x[0], None)
@@ -221,6 +318,9 @@ def reduce_scatter(x: Tensor, group: ProcessGroup | None, what: str = "reduce-sc
 
 def all_reduce(x: Tensor, group: ProcessGroup | None, what: str = "all-reduce") -> Tensor:
     """The sum of ``x`` over ``group`` (a new tensor; ``x`` is left as it is)."""
+    _raise_if_a_peer_failed(what, group)
+    if _staged_on_host(x, group):
+        return all_reduce(x.cpu(), group, what).to(x.device)
     size = group_size(group)
     summed = x.clone()
     if size == 1:

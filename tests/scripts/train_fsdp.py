@@ -1,14 +1,16 @@
 """A Trainer run of the full long-context recipe with sharded parameters, and the same training in one process.
 
     python tests/scripts/train_fsdp.py OUT_DIR [--devices 4] [--sp 2] [--epochs 2] [--resume CKPT] [--full-checkpoint]
-        [--offload-parameters] [--mixed-precision] [--shard-itself] [--reference]
+        [--offload-parameters] [--mixed-precision] [--shard-itself] [--reference] [--reference-bf16] [--accelerator cuda]
 
 MQSPFSDPStrategy (FSDP2 over all ranks) with activation checkpointing of every decoder layer, the
 checkpointed hidden states and the attention's queries offloaded to host memory, the attention's backward over its two key/value
 heads one at a time, MLPs and norms in tiles of 5 tokens, and the chunked causal-LM loss computed from
 the final hidden states and the output head, on a tiny Llama over packed documents. Rank 0 writes
 OUT_DIR/result.pt: losses per step, the first step's (full) gradients, the final (full) parameters,
-and, with --reference, the single-process run's.
+and, with --reference, the single-process run's (with --reference-bf16 also that run with bfloat16 weights: what
+bf16 alone does to the step, the measure of a bf16 run's tolerance). ``--accelerator cuda`` puts every rank on the
+one GPU, over gloo (``benchmarks/gpu_ranks.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def samples() -> list[dict[str, Tensor]]:
 
 
 def full(tensor: Tensor) -> Tensor:
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().clone()
 
 
 class LongContextLM(LightningModule):
@@ -89,20 +91,23 @@ def offloaded(module: LightningModule) -> bool:
     return bool(params) and all(p.offload_to_cpu for p in params)
 
 
-def single_process(epochs: int, dp_size: int) -> dict[str, Any]:
-    model = FAMILIES["llama"].build()
+def single_process(epochs: int, dp_size: int, device: str = "cpu", bf16: bool = False) -> dict[str, Any]:
+    """The same training in one process; ``bf16``: with the weights in bfloat16, as FSDP2's mixed precision computes
+    (``param_dtype=bfloat16``), the gradients returned in float32."""
+    model = FAMILIES["llama"].build().to(device, torch.bfloat16 if bf16 else torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, first_grads = [], None
     for epoch in range(epochs):
         for step in dp_batches(samples(), dp_size, BATCH_SIZE, epoch):
             optimizer.zero_grad()
-            loss = torch.stack([model(**batch, use_cache=False).loss for batch in step]).mean()
+            loss = torch.stack([model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss for batch in step]).mean()
             loss.backward()
             if first_grads is None:
-                first_grads = {f"model.{n}": p.grad.clone() for n, p in model.named_parameters()}
+                first_grads = {f"model.{n}": p.grad.detach().float().cpu().clone() for n, p in model.named_parameters()}
             optimizer.step()
             losses.append(loss.item())
-    return {"losses": losses, "first_grads": first_grads, "params": {f"model.{n}": p.detach().clone() for n, p in model.named_parameters()}}
+    return {"losses": losses, "first_grads": first_grads,
+            "params": {f"model.{n}": p.detach().cpu().clone() for n, p in model.named_parameters()}}
 
 
 def main() -> None:
@@ -117,16 +122,22 @@ def main() -> None:
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 compute, float32 master weights and reduction")
     parser.add_argument("--offload-parameters", action="store_true", help="parameters, gradients, optimizer state in host memory")
     parser.add_argument("--shard-itself", action="store_true", help="the LightningModule shards its model in configure_model")
+    parser.add_argument("--reference-bf16", action="store_true", help="also train in one process with bfloat16 weights")
+    parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu", help="cuda: every rank on the one GPU, over gloo")
     args = parser.parse_args()
     torch.set_num_threads(1)
     strategy = MQSPFSDPStrategy(sequence_parallel_size=args.sp, activation_checkpointing=True, offload_activations=True, mlp_tile_size=5,
                                 attention_head_groups=2,
                                 save_distributed_checkpoint=not args.full_checkpoint, mixed_precision=args.mixed_precision,
-                                offload_parameters=args.offload_parameters)
+                                offload_parameters=args.offload_parameters,
+                                **({"process_group_backend": "gloo"} if args.accelerator == "cuda" else {}))
+    if args.accelerator == "cuda":  # NCCL refuses two ranks on one device: gloo, collectives staged through host memory
+        strategy.parallel_devices = [torch.device("cuda", 0)] * args.devices
     recorder = Recorder()
     compute_dtypes: set[torch.dtype] = set()
     trainer = Trainer(
-        strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs, logger=False,
+        strategy=strategy, accelerator=args.accelerator, devices=1 if args.accelerator == "cuda" else args.devices,
+        max_epochs=args.epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[recorder, ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1, every_n_epochs=1)],
     )
@@ -138,7 +149,9 @@ def main() -> None:
         result: dict[str, Any] = {"losses": recorder.losses, "first_grads": recorder.first_grads, "params": params,
                                   "compute_dtypes": compute_dtypes, "offloaded": offloaded(module)}
         if args.reference:
-            result["reference"] = single_process(args.epochs, trainer.world_size // args.sp)
+            result["reference"] = single_process(args.epochs, trainer.world_size // args.sp, args.accelerator)
+        if args.reference_bf16:
+            result["reference_bf16"] = single_process(args.epochs, trainer.world_size // args.sp, args.accelerator, bf16=True)
         torch.save(result, args.out / "result.pt")
 
 
