@@ -30,14 +30,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mqsp import comm
+from lightning_mqsp import comm, offload
 from lightning_mqsp.adapters import AttentionAudit, SequenceParallelContext, activate, huggingface, reject_unroutable_modules
 from lightning_mqsp.adapters.sdpa import RouteScaledDotProductAttention
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layout import Layout, check_layout
 from lightning_mqsp.mesh import check_sizes, sequence_parallel_mesh
-from lightning_mqsp.sharding import BatchSharder, gather_outputs
+from lightning_mqsp.sharding import PREDICT_OUTPUTS, BatchSharder, PredictOutputs, gather_outputs
 from lightning_mqsp.tiling import tile_token_wise
+from lightning_mqsp.watchdog import PeerFailureWatchdog
 
 _CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -64,8 +65,12 @@ class SequenceParallelism(ParallelStrategy):
         offload_activations: bool,
         mlp_tile_size: int | None,
         attention_head_groups: int,
+        predict_outputs: PredictOutputs,
     ) -> None:
         check_layout(layout)
+        if predict_outputs not in PREDICT_OUTPUTS:
+            raise ValueError(f"predict_outputs must be one of {PREDICT_OUTPUTS}, got {predict_outputs!r}.")
+        self.predict_outputs = predict_outputs
         if sequence_parallel_size is not None and sequence_parallel_size < 1:
             raise ValueError(f"sequence_parallel_size must be a positive int, got {sequence_parallel_size}.")
         if not isinstance(sequence_parallel_timeout, datetime.timedelta):
@@ -96,6 +101,7 @@ class SequenceParallelism(ParallelStrategy):
         self._undo_model_patches: list[Callable[[], None]] = []
         self._audit: AttentionAudit | None = None
         self._audited_steps: set[str] = set()
+        self._watchdog: PeerFailureWatchdog | None = None
 
     # -- sizes and the mesh ---------------------------------------------------------------
 
@@ -156,6 +162,10 @@ class SequenceParallelism(ParallelStrategy):
             self.sequence_parallel_group, self.sequence_parallel_rank, self.sequence_parallel_size,
         )
         rank_zero_debug(f"MQSPStrategy: device mesh {self._device_mesh}, sequence-parallel timeout {self.sequence_parallel_timeout}.")
+        # A failure on any rank ends this one within seconds, also where its collectives would not see it (NCCL).
+        if self._watchdog is None:
+            self._watchdog = PeerFailureWatchdog(self.sequence_parallel_group, on_give_up=self._end_launched_processes)
+            self._watchdog.start()
         # The LightningModule sees it as `self.device_mesh`, as under ModelParallelStrategy.
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
@@ -212,6 +222,9 @@ class SequenceParallelism(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         for undo in self._undo_model_patches:
             undo()
         self._undo_model_patches = []
@@ -219,14 +232,18 @@ class SequenceParallelism(ParallelStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        # Peers blocked in a collective with this rank fail when it exits; this lets them name it and why.
+        # Every peer's watchdog sees this in the store within a second and ends its collectives; a peer blocked in
+        # one with this rank can then name it and why.
         comm.report_failure(exception)
         # A broken sequence-parallel group cannot recover, and a peer that hangs outside a collective would
         # outlive this process: the launching process ends the processes it started (Lightning does so
-        # only on KeyboardInterrupt).
-        if isinstance(exception, comm.CollectiveError) and isinstance(self.launcher, _SubprocessScriptLauncher):
-            self.launcher.kill(_get_sigkill_signal())
+        # only on KeyboardInterrupt), whatever the exception.
+        self._end_launched_processes()
         super().on_exception(exception)
+
+    def _end_launched_processes(self) -> None:
+        if isinstance(self.launcher, _SubprocessScriptLauncher):
+            self.launcher.kill(_get_sigkill_signal())
 
     # -- batches and steps -----------------------------------------------------------------
 
@@ -262,7 +279,7 @@ class SequenceParallelism(ParallelStrategy):
         with ExitStack() as stack:
             stack.enter_context(self._sequence_parallel_step("training_step"))
             if self.offload_activations:  # what the forward saves for backward goes to host memory
-                stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.root_device.type == "cuda"))
+                stack.enter_context(offload.offloaded_saved_tensors())
             return super().training_step(*args, **kwargs)
 
     @override
@@ -282,10 +299,14 @@ class SequenceParallelism(ParallelStrategy):
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        """The step's outputs with every [batch, local sequence, ...] tensor gathered back to full length, in order."""
+        """The step's outputs, with every [batch, local sequence, ...] tensor as ``predict_outputs`` says: this rank's
+        shard, or gathered back to full length (in order, without padding) on the group's first rank or on all."""
         with self._sequence_parallel_step("predict_step"):
             outputs = super().predict_step(*args, **kwargs)
+        if self.predict_outputs == "shard":
+            return outputs
         assert self._sharder is not None and self._sharder.last_full_length is not None
         full_length = self._sharder.last_full_length
         local_length = self._sharder.padded_length(full_length) // self.sequence_parallel_size
-        return gather_outputs(outputs, local_length, self.sequence_parallel_group, self.layout, full_length)
+        return gather_outputs(outputs, local_length, self.sequence_parallel_group, self.layout, full_length,
+                              first_rank_only=self.predict_outputs == "first_rank")

@@ -23,6 +23,9 @@ from lightning.pytorch.strategies import StrategyRegistry
 import lightning_mqsp
 from lightning_mqsp import MQSPStrategy
 
+# Its module-scoped fixtures launch multi-process runs: one pytest-xdist worker runs all of its tests.
+pytestmark = pytest.mark.xdist_group("test_strategy")
+
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from reference import relative_error  # noqa: E402
@@ -138,14 +141,29 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.timeout(600)
 def test_predictions_are_gathered_and_checkpoint_loads_into_plain_model(runs: dict) -> None:
+    """predict_outputs: each rank's own shard by default; the full sequences on each group's first rank alone, or on
+    every rank; the values those of the plain model loaded from the checkpoint."""
     run = runs["bert"]
     plain = trained_plain_model(run["out"])
-    predictions = run["predictions"]
-    assert len(predictions) == 1 and predictions[0]["logits"].shape == (2, 30, 97)  # full length, padding trimmed
     batch = collate(make_samples("bert", 4, seed=2)[0::2])  # data-parallel rank 0's prediction samples
     with torch.no_grad():
         expected = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(predictions[0]["logits"], expected, rtol=RTOL, atol=1e-5)
+    full, shard = (2, 30, 97), (2, 16, 97)  # 30 tokens padded to 32: zigzag chunks 0 and 3 of 8 tokens on SP rank 0
+    held = run["predictions_held"]
+    assert held["shard"] == [[shard]] * 4
+    assert held["all"] == [[full]] * 4
+    assert held["first_rank"] == [[full], [None], [full], [None]]  # SP groups (0, 1) and (2, 3)
+    for mode in ("all", "first_rank"):
+        assert len(run["predictions"][mode]) == 1
+        torch.testing.assert_close(run["predictions"][mode][0]["logits"], expected, rtol=RTOL, atol=1e-5)
+    own = run["predictions"]["shard"][0]["logits"]
+    torch.testing.assert_close(own[:, :8], expected[:, :8], rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(own[:, 8:14], expected[:, 24:30], rtol=RTOL, atol=1e-5)  # 30 and 31 are padding
+
+
+def test_bad_predict_outputs_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"predict_outputs must be one of \('shard', 'first_rank', 'all'\), got 'rank0'"):
+        MQSPStrategy(predict_outputs="rank0")  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +272,24 @@ def test_a_failing_rank_ends_every_rank_with_a_named_error(mode: str, names: str
     errors = [line for line in proc.stderr.splitlines() if "CollectiveError: mqsp_attention: the query gather" in line]
     assert errors and names in errors[0], proc.stderr[-3000:]
     assert time.monotonic() - started < 60  # process start-up included; the wait itself is bounded by the 5 s timeout
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_rank_that_lingers_ends_its_peers_long_before_the_timeout() -> None:
+    """Rank 1 reports a failure and then hangs, its process and connections alive (a teardown stuck after an
+    out-of-memory error, say): on NCCL, and here on gloo, rank 0's collective would wait for the whole
+    sequence-parallel timeout (120 s here). The watchdog sees the report within a second, ends the launched
+    processes after its grace period, and rank 0 raises a CollectiveError that names rank 1 and why."""
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "failing_rank.py"), "linger", "120"], cwd=REPO, capture_output=True, text=True,
+        timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "CollectiveError: mqsp_attention" in line]
+    assert errors and "rank 1 failed first: RuntimeError: rank 1 broke on purpose" in errors[0], proc.stderr[-3000:]
+    assert elapsed < 75, f"{elapsed:.0f} s: the run waited for the timeout"  # start-up (~20-40 s on 2 cores) + ~6 s
 
 
 RECIPE_PRECISIONS = ("32-true", "bf16-mixed")
