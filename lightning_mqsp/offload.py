@@ -97,6 +97,8 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     heads lie strided in the copy: they go through a pinned staging copy first (a strided source would otherwise be
     staged in pageable memory, which makes the copy to the device synchronous), and that staging copy is a host read.
     """
+    if not _pending and x.device == device:  # no copy in flight (always so without offload): nothing to order
+        return x
     strided = x.is_pinned() and not (x.is_contiguous() or x.transpose(1, 2).is_contiguous())
     event = _pending.get(_storage_key(x))
     if event is not None:

@@ -163,6 +163,50 @@ def test_matches_single_process_attention(workers, case: Case) -> None:
             assert error <= tolerance, f"rank {rank}: {name} relative error {error:.2e} > {tolerance:.0e}"
 
 
+NUMERICS_SHAPE = (1, 2, 512, 32)  # at P = 4 each rank holds 128 rows: 8 micro-steps of 16
+
+
+def squared_errors_against_float64(dtype: str, causal: bool) -> dict[str, tuple[float, float]]:
+    """This rank's (sum of squared differences, sum of squared float64 values) of out, dq, dk, dv: the inputs rounded
+    to ``dtype`` once, the reference float64 attention of those rounded inputs. Alone without a process group."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    generator = torch.Generator().manual_seed(0)
+    full = {name: torch.randn(NUMERICS_SHAPE, generator=generator).to(getattr(torch, dtype)) for name in ("q", "k", "v", "dout")}
+    q64, k64, v64 = (full[name].double().requires_grad_() for name in ("q", "k", "v"))
+    positions = torch.arange(NUMERICS_SHAPE[2])
+    expected = dense_attention(q64, k64, v64, (positions[None, :] <= positions[:, None])[None, None] if causal else None)
+    expected.backward(full["dout"].double())
+    layout = "zigzag" if causal else "contiguous"
+
+    def shard(x: torch.Tensor) -> torch.Tensor:
+        return shard_sequence(x, 2, rank, world_size, layout)
+
+    q, k, v = (shard(full[name]).requires_grad_() for name in ("q", "k", "v"))
+    out = mqsp_attention(q, k, v, causal=causal, layout=layout, micro_q_size=16)
+    out.backward(shard(full["dout"]))
+    pairs = {"out": (out, expected), "dq": (q.grad, q64.grad), "dk": (k.grad, k64.grad), "dv": (v.grad, v64.grad)}
+    return {name: (float((actual.double() - shard(ref.detach())).square().sum()), float(shard(ref.detach()).square().sum()))
+            for name, (actual, ref) in pairs.items()}
+
+
+def _norm_errors(per_rank: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
+    """||actual - float64|| / ||float64|| over the whole sequence, from every rank's sums."""
+    return {name: (sum(r[name][0] for r in per_rank) / sum(r[name][1] for r in per_rank)) ** 0.5 for name in per_rank[0]}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["no mask", "causal zigzag"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_error_does_not_grow_with_the_number_of_ranks(workers, dtype: str, causal: bool) -> None:
+    """The merge of partial results and the accumulation of the gradients stay in float32 whatever the input dtype:
+    at P = 4 (8 micro-steps a rank) the output's and every gradient's error against float64 is within 1.1x of one
+    process's. A merge or accumulator that rounds to bfloat16 per step would grow it with P
+    (``benchmarks/numerics.py`` measures P = 1..16 against ring attention and Ulysses)."""
+    alone = _norm_errors([squared_errors_against_float64(dtype, causal)])
+    four = _norm_errors(workers(4).run(squared_errors_against_float64, dtype, causal))
+    for name in alone:
+        assert four[name] <= 1.1 * alone[name], f"{name}: {four[name]:.3e} at P = 4 against {alone[name]:.3e} alone"
+
+
 def test_runs_without_a_process_group() -> None:
     assert not dist.is_initialized()
     with count_communication() as counter:

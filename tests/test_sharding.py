@@ -92,8 +92,9 @@ def _gather_outputs_to_first_rank(layout: str) -> tuple[bool, bool]:
 
     full = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
     local = BatchSharder(dist.get_rank(), 2, layout).shard({"inputs_embeds": full})["inputs_embeds"]
-    gathered = gather_outputs({"logits": local, "pooled": full[:, 0]}, local.size(1), None, layout, 6, first_rank_only=True)
-    return gathered is not None and torch.equal(gathered["logits"], full) and torch.equal(gathered["pooled"], full[:, 0]), gathered is None
+    pooled = full[:, :1, 0]  # [2, 1]: not a sequence tensor, passed through
+    gathered = gather_outputs({"logits": local, "pooled": pooled}, local.size(1), None, layout, 6, first_rank_only=True)
+    return gathered is not None and torch.equal(gathered["logits"], full) and torch.equal(gathered["pooled"], pooled), gathered is None
 
 
 @pytest.mark.timeout(120)
