@@ -28,17 +28,21 @@ test: $(STAMP)
 	PYTHONDONTWRITEBYTECODE= $(PY) $(PYTEST)
 
 # The newest releases pyproject.toml allows (torch stays the CPU build unless LATEST_TORCH=torch: the newest is a
-# CUDA build of several GB), the whole suite on them, and on success the lock file rewritten with what passed.
+# CUDA build of several GB), the whole suite on them, and on success the lock file rewritten with what passed
+# (with the CPU build only: the lock is what make test installs).
 LATEST_VENV := .venv-latest
-LATEST_TORCH ?= torch==2.13.0
+CPU_TORCH := torch==2.13.0
+LATEST_TORCH ?= $(CPU_TORCH)
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" "$(LATEST_TORCH)"
 	PYTHONDONTWRITEBYTECODE= $(LATEST_VENV)/bin/python $(PYTEST)
+ifeq ($(LATEST_TORCH),$(CPU_TORCH))
 	(echo "# make test-latest on $$(date -u +%Y-%m-%d): the versions the whole suite passed with. make install uses them."; \
 	 $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//') > $(LOCK)
+endif
 
 # The declared floors (requirements/floor.txt) in their own environment, and the part of the suite that says the
 # package works there: imports and packaging, core attention at P=2, one strategy run, one Hugging Face family.

@@ -84,7 +84,8 @@ class LlamaLong(LanguageModel):
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         assert self.model is not None
-        hidden = self.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        # use_cache=False: with a cache transformers attends across packed documents, even in one process.
+        hidden = self.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         return chunked_causal_lm_cross_entropy(hidden, self.model.lm_head, batch["labels"], chunk_size=self.hparams.loss_chunk_size,
                                                kernel=self.hparams.loss_kernel)
 
