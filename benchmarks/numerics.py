@@ -67,7 +67,7 @@ def squared_errors(job: dict[str, Any], folder: str, group: Any) -> dict[str, tu
     else:
         out = chosen.attention(q, k, v, group, causal)
     out.backward(local_shard(inputs["dout"], rank, world_size, layout))
-    actual = {"out": out, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    actual = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     sums = {}
     for name in TENSORS:
         reference = local_shard(expected[name], rank, world_size, layout)

@@ -184,7 +184,7 @@ def squared_errors_against_float64(dtype: str, causal: bool) -> dict[str, tuple[
     q, k, v = (shard(full[name]).requires_grad_() for name in ("q", "k", "v"))
     out = mqsp_attention(q, k, v, causal=causal, layout=layout, micro_q_size=16)
     out.backward(shard(full["dout"]))
-    pairs = {"out": (out, expected), "dq": (q.grad, q64.grad), "dk": (k.grad, k64.grad), "dv": (v.grad, v64.grad)}
+    pairs = {"out": (out.detach(), expected), "dq": (q.grad, q64.grad), "dk": (k.grad, k64.grad), "dv": (v.grad, v64.grad)}
     return {name: (float((actual.double() - shard(ref.detach())).square().sum()), float(shard(ref.detach()).square().sum()))
             for name, (actual, ref) in pairs.items()}
 
