@@ -102,7 +102,8 @@ def failures_reported() -> int | None:
 
 def forget_own_failure() -> None:
     """A new run: this rank's report of an earlier failure no longer names it, and its collectives run again."""
-    clear_peer_failure()
+    global _peer_failure
+    _peer_failure = None
     store = _store()
     try:
         if store is not None:
@@ -115,11 +116,6 @@ def mark_peer_failure(cause: str) -> None:
     """From now on every collective of this process raises :class:`CollectiveError` with ``cause``."""
     global _peer_failure
     _peer_failure = cause
-
-
-def clear_peer_failure() -> None:
-    global _peer_failure
-    _peer_failure = None
 
 
 def _raise_if_a_peer_failed(what: str, group: ProcessGroup | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -68,7 +68,7 @@ def late_copies() -> Iterator[LateCopyEngine]:
         offload.ENGINE = real
 
 
-def _attention_step(head_groups: int, hooks: str, checkpointed: bool, rank_count: int = 1) -> dict[str, Tensor]:
+def _attention_step(head_groups: int, hooks: str, checkpointed: bool) -> dict[str, Tensor]:
     """Output and gradients of a causal GQA attention on this rank (24 tokens of a sequence split over the pool's
     ranks, micro-steps of 4 rows), with the queries offloaded under ``hooks`` ("none", "ours", "save_on_cpu")."""
     torch.manual_seed(0)
@@ -80,15 +80,10 @@ def _attention_step(head_groups: int, hooks: str, checkpointed: bool, rank_count
                               head_groups=head_groups)
 
     hook = {"ours": offload.offloaded_saved_tensors, "save_on_cpu": _save_on_cpu_as_on_a_gpu}.get(hooks)
-    with hook() if hook is not None else _nothing():
+    with hook() if hook is not None else nullcontext():
         out = checkpoint(attend, q, k, v, use_reentrant=False) if checkpointed else attend(q, k, v)
     out.backward(dout)
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _save_on_cpu_as_on_a_gpu() -> Any:
