@@ -13,9 +13,11 @@ failure in one is recorded and the others still run:
    ``F.scaled_dot_product_attention`` with the flash backend, bfloat16, S in {4096, 16384},
    D in {64, 128}, causal and not, B = 1, H = 2048 / D: (a) the backend's kernels (M = N = S),
    (b) ``mqsp_attention`` at P = 1 (no process group);
-3. one simulated rank of P = 8 at S = 16384, zigzag layout: its gathered rows (8 segments of c
-   rows a micro-step, positions as mqsp_attention gives them) against its S/8 local keys, micro-step
-   by micro-step, forward and backward, in total against flash SDPA's S^2 / 8 share;
+3. one simulated rank of P at (L, P) = (16k, 8), (128k, 8), (1M, 8), (1M, 32), zigzag layout, 32 query and 8
+   key/value heads of 128, bf16, causal and not: its micro-steps as mqsp_attention runs them on this device
+   (gathered rows read where they arrive, partials written into the returned buffer, the merge kernel, the
+   backward's row copy and dQ store; collectives left out), against flash SDPA's L^2 / P share (flash measured up
+   to L = 128k and scaled by L^2 above). Goals: at least 0.85x at (128k, 8) and (1M, *), 0.5x at (16k, 8);
 4. the autotune configs the kernels picked, the device, torch and triton versions, the date;
 5. ``offload_queries`` with ``head_groups=2`` against the plain call at P = 1 (S = 16384, D = 128, 8
    query and 2 key/value heads): the same values, and each backward's time and peak of allocated device memory;
@@ -66,7 +68,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from lightning_mqsp import chunked_cross_entropy, mqsp_attention
-from lightning_mqsp.attention import auto_micro_q_size
+from lightning_mqsp.attention import auto_micro_q_size, backward_row_width, step_bytes_per_gathered_row
 from lightning_mqsp.backends import get_backend
 from lightning_mqsp.layout import position_runs, run_positions, slice_runs
 from lightning_mqsp.merge import Partial
@@ -91,13 +93,16 @@ class Sizes:
     seq_lengths: tuple[int, ...]
     head_dims: tuple[int, ...]
     width: int  # heads x head_dim of the timed shapes
-    ranks: int
-    simulated_length: int
-    micro_q_size: int | None  # None: mqsp_attention's own choice
+    rank_shapes: tuple[tuple[int, int], ...]  # (L, P) of the simulated ranks
+    rank_heads: tuple[int, int, int]  # query heads, key/value heads, head_dim of the simulated ranks
+    timed_steps: int  # micro-steps timed per shape (evenly spread; the rest extrapolated)
+    flash_max_length: int  # flash's full-sequence time is measured up to this L and scaled by L^2 above it
+    micro_q_size: int | None  # None: mqsp_attention's own choice on that device
 
 
-GPU = Sizes("cuda", torch.bfloat16, 2, 1000, (4096, 16384), (64, 128), 2048, 8, 16384, None)
-DRY_RUN = Sizes("cpu", torch.float16, 1, 40, (64,), (64,), 128, 8, 128, 4)
+GPU = Sizes("cuda", torch.bfloat16, 2, 1000, (4096, 16384), (64, 128), 2048,
+            ((16384, 8), (131072, 8), (1048576, 8), (1048576, 32)), (32, 8, 128), 8, 131072, None)
+DRY_RUN = Sizes("cpu", torch.float16, 1, 40, (64,), (64,), 128, ((128, 4), (256, 4)), (4, 2, 64), 2, 128, 4)
 
 
 @dataclass(frozen=True)
@@ -378,64 +383,118 @@ def time_full_attention(sizes: Sizes, which: str, deadline: float) -> list[dict[
     return rows
 
 
-def simulated_rank_steps(sizes: Sizes, rank: int, causal: bool) -> list[Visibility]:
-    """The visibility of each micro-step of ``rank`` in a zigzag group of ``sizes.ranks``: every rank's
-    rows [start, stop) gathered rank after rank (one ascending segment each) against this rank's keys."""
-    ranks, local = sizes.ranks, sizes.simulated_length // sizes.ranks
-    c = sizes.micro_q_size or auto_micro_q_size(local, ranks)
+def simulated_rank_steps(length: int, ranks: int, c: int, rank: int, causal: bool, device: str) -> list[Visibility]:
+    """The visibility of each micro-step of ``rank`` in a zigzag group of ``ranks`` at full length ``length``, in the
+    order mqsp_attention runs them: every rank's rows [start, stop) gathered rank after rank (one ascending segment
+    each) against this rank's keys."""
+    local = length // ranks
     runs = [position_runs(local, r, ranks, "zigzag") for r in range(ranks)]
-    key_positions = run_positions(runs[rank], sizes.device)
+    key_positions = run_positions(runs[rank], device)
     steps = []
     for start in range(0, local, c):
         stop = min(start + c, local)
         gathered_runs = tuple(run for r in range(ranks) for run in slice_runs(runs[r], start, stop, r * (stop - start)))
-        steps.append(Visibility(run_positions(gathered_runs, sizes.device), key_positions, gathered_runs, runs[rank],
+        steps.append(Visibility(run_positions(gathered_runs, device), key_positions, gathered_runs, runs[rank],
                                 query_segments=ranks, window=Window.of(causal, None)))
-    return steps
+    return [steps[i // 2] if i % 2 == 0 else steps[-1 - i // 2] for i in range(len(steps))]
 
 
-def run_micro_steps(passes: list[tuple[Callable[[], object], Callable[[], object]]], which: int) -> None:
-    """Every micro-step's forward (which = 0) or forward+backward (which = 1), one after the other."""
-    for fns in passes:
-        fns[which]()
+def rank_step(
+    step: Visibility, k: Tensor, v: Tensor, ranks: int, heads: int, scale: float,
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, backward) of one micro-step as mqsp_attention runs it on a rank, collectives left out: the kernel
+    reads the gathered queries where they arrived ([P, B, H, c, D]) and writes its partials into the buffer that
+    returns them, the merge kernel merges the P partials into the layer's sequence-major output; the backward joins
+    its rows (queries, output gradients, statistics: one copy), runs both kernels on them where they arrived, dQ
+    written in the layout it returns in, and stores the summed dQ rows."""
+    backend = get_backend("triton")
+    d = k.size(-1)
+    c = step.query_positions.numel() // ranks
+    g = torch.Generator(device=k.device).manual_seed(1)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, device=k.device, dtype=k.dtype)
+
+    gathered_query = randn(ranks, 1, heads, c, d)
+    packed = torch.empty(ranks, 1, heads, c, d + 2, device=k.device)
+    out = torch.empty(1, c, heads, d, device=k.device, dtype=k.dtype).transpose(1, 2)
+    row_max, row_log_sum = torch.empty(2, 1, heads, c, device=k.device).unbind(0)
+    width = backward_row_width(d, k.dtype)
+    own = {"q": randn(1, heads, c, d), "dout": randn(1, heads, c, d), "stats": torch.rand(3, 1, heads, c, 1, device=k.device)}
+    gathered_rows = torch.zeros(ranks, 1, heads, c, width, device=k.device, dtype=k.dtype)
+    gathered_rows[..., :2 * d] = randn(ranks, 1, heads, c, 2 * d)
+    statistics = gathered_rows[..., 2 * d :].view(torch.float32)
+    statistics[..., 1] = torch.log(torch.tensor(float(step.key_positions.numel()), device=k.device))  # row_log_sum
+    parts = torch.empty(ranks, 1, c, heads, d, device=k.device)
+    grad_query = torch.empty(1, heads, c, d, device=k.device, dtype=k.dtype)
+    grad_key, grad_value = (torch.zeros(k.shape, device=k.device) for _ in range(2))
+    row_buffer = torch.empty(1, heads, c, width, device=k.device, dtype=k.dtype)
+
+    def forward() -> None:
+        backend.forward(gathered_query, k, v, step, scale, into=Partial(packed[..., :d], packed[..., d], packed[..., d + 1]))
+        backend.merge(packed, out, row_max, row_log_sum)
+
+    def backward() -> None:
+        stats = [t.view(k.dtype) for t in own["stats"].unbind(0)]
+        torch.cat([own["q"], own["dout"], *stats], dim=-1, out=row_buffer[..., : 2 * d + sum(t.size(-1) for t in stats)])
+        backend.backward(gathered_rows[..., :d], k, v, gathered_rows[..., d : 2 * d], statistics[..., 0], statistics[..., 1],
+                         statistics[..., 2], step, scale, grad_key, grad_value, grad_query=parts.transpose(2, 3))
+        grad_query.copy_(parts[0].transpose(1, 2))
+
+    return forward, backward
 
 
 def time_one_rank_of_many(sizes: Sizes, deadline: float) -> list[dict[str, object]]:
-    """Section 3: rank 0 of P zigzag ranks at S, micro-step by micro-step, against flash SDPA's S^2 / P share."""
+    """Section 3: rank 0 of P zigzag ranks at (L, P), micro-step by micro-step with the steps mqsp_attention would
+    size on this device, against flash SDPA's L^2 / P share of the full sequence (measured up to
+    ``sizes.flash_max_length``, scaled by L^2 above it: flash's time is quadratic at these lengths). Collectives
+    are left out (one GPU); what is timed is each step's kernels, merge and copies, launched as mqsp_attention
+    launches them. A few steps are timed, spread over the rank's steps (cheap and dear ones alike under a causal
+    mask), and the rest extrapolated."""
     rows = []
-    seq, ranks, local = sizes.simulated_length, sizes.ranks, sizes.simulated_length // sizes.ranks
-    for d in sizes.head_dims:
+    heads, heads_kv, d = sizes.rank_heads
+    for seq, ranks in sizes.rank_shapes:
         for causal in (False, True):
             if time.monotonic() > deadline:
-                rows.append({"seq": seq, "head_dim": d, "causal": causal, "skipped": "time budget"})
+                rows.append({"seq": seq, "ranks": ranks, "head_dim": d, "causal": causal, "skipped": "time budget"})
                 continue
-            heads = sizes.width // d
+            local = seq // ranks
+            c = sizes.micro_q_size or auto_micro_q_size(local, ranks, step_bytes_per_gathered_row(heads, d, sizes.timed_dtype))
+            steps = simulated_rank_steps(seq, ranks, c, 0, causal, sizes.device)
+            timed = steps[:: max(1, len(steps) // sizes.timed_steps)][: sizes.timed_steps]
             g = torch.Generator(device=sizes.device).manual_seed(0)
-
-            def randn(length: int, heads: int = heads, d: int = d, g: torch.Generator = g) -> Tensor:
-                return torch.randn(1, heads, length, d, generator=g, device=sizes.device, dtype=sizes.timed_dtype)
-
-            steps = simulated_rank_steps(sizes, 0, causal)
-            rows_per_step = steps[0].query_positions.numel()
-            k, v = randn(local), randn(local)
-            step_inputs = [{"q": randn(step.query_positions.numel()), "k": k, "v": v,
-                            "dout": randn(step.query_positions.numel())} for step in steps]
-            passes = [kernel_forward_backward(t, step, d**-0.5) for t, step in zip(step_inputs, steps)]
-            full = {name: randn(seq) for name in ("q", "k", "v", "dout")}
-            flash = flash_sdpa(full["q"], full["k"], full["v"], full["dout"], causal)
+            k, v = (torch.randn(1, heads_kv, local, d, generator=g, device=sizes.device, dtype=sizes.timed_dtype) for _ in range(2))
+            passes = [rank_step(step, k, v, ranks, heads, d**-0.5) for step in timed]
+            scale_up = len(steps) / len(timed)
             row: dict[str, object] = {"seq": seq, "ranks": ranks, "head_dim": d, "causal": causal, "heads": heads,
-                                      "micro_steps": len(steps), "gathered_rows": rows_per_step, "local_keys": local}
-            row["fwd_ms"] = time_ms(functools.partial(run_micro_steps, passes, 0), sizes.device)
-            row["fwd_bwd_ms"] = time_ms(functools.partial(run_micro_steps, passes, 1), sizes.device)
-            row["flash_share_fwd_ms"] = time_ms(flash[0], sizes.device) / ranks
-            row["flash_share_fwd_bwd_ms"] = time_ms(flash[1], sizes.device) / ranks
+                                      "kv_heads": heads_kv, "micro_steps": len(steps), "timed_steps": len(timed),
+                                      "gathered_rows": ranks * c, "local_keys": local}
+            forward_ms = time_ms(functools.partial(run_micro_steps, passes, 0), sizes.device) * scale_up
+            backward_ms = time_ms(functools.partial(run_micro_steps, passes, 1), sizes.device) * scale_up
+            row["fwd_ms"], row["fwd_bwd_ms"] = forward_ms, forward_ms + backward_ms
+            reference = min(seq, sizes.flash_max_length)
+            full = {name: torch.randn(1, heads, reference, d, generator=g, device=sizes.device, dtype=sizes.timed_dtype)
+                    for name in ("q", "k", "v", "dout")}
+            flash = flash_sdpa(full["q"], full["k"], full["v"], full["dout"], causal)
+            quadratic = (seq / reference) ** 2
+            row["flash_length"] = reference
+            row["flash_share_fwd_ms"] = time_ms(flash[0], sizes.device) * quadratic / ranks
+            row["flash_share_fwd_bwd_ms"] = time_ms(flash[1], sizes.device) * quadratic / ranks
             row["fwd_ratio"] = row["flash_share_fwd_ms"] / row["fwd_ms"]
             row["fwd_bwd_ratio"] = row["flash_share_fwd_bwd_ms"] / row["fwd_bwd_ms"]
             rows.append(row)
-            log(f"  one rank of {ranks}, S={seq} D={d} causal={causal}: {len(steps)} micro-steps of {rows_per_step} rows, "
+            log(f"  one rank of {ranks}, L={seq} causal={causal}: {len(steps)} micro-steps of {ranks * c} gathered rows, "
                 f"fwd {row['fwd_ratio']:.2f}x and fwd+bwd {row['fwd_bwd_ratio']:.2f}x flash's share")
-            del full, flash, passes, step_inputs
+            del full, flash, passes, k, v
+            if sizes.device == "cuda":
+                torch.cuda.empty_cache()
     return rows
+
+
+def run_micro_steps(passes: list[tuple[Callable[[], object], Callable[[], object]]], which: int) -> None:
+    """Every micro-step's forward (which = 0) or backward (which = 1), one after the other."""
+    for fns in passes:
+        fns[which]()
 
 
 def best_configs() -> dict[str, dict[str, str]]:
@@ -493,8 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ("correctness", lambda: check_correctness(sizes), lambda rows: report.update(correctness=rows)),
         ("kernels", lambda: time_full_attention(sizes, "kernels", deadline), lambda rows: report["timings"].update(kernels=rows)),  # type: ignore[union-attr]
         ("mqsp", lambda: time_full_attention(sizes, "mqsp", deadline), lambda rows: report["timings"].update(mqsp=rows)),  # type: ignore[union-attr]
-        ("one_rank_of_8", lambda: time_one_rank_of_many(sizes, deadline),
-         lambda rows: report["timings"].update(one_rank_of_8=rows)),  # type: ignore[union-attr]
+        ("one_rank_of_p", lambda: time_one_rank_of_many(sizes, deadline),
+         lambda rows: report["timings"].update(one_rank_of_p=rows)),  # type: ignore[union-attr]
         ("best_configs", best_configs, lambda configs: report.update(best_configs=configs)),
         ("offload", lambda: check_offload(sizes), lambda result: report.update(offload=result)),
         ("loss_kernels", lambda: check_loss_kernels(sizes), lambda result: report.update(loss_kernels=result)),

@@ -104,8 +104,10 @@ def launch_values(variant: Variant) -> tuple[dict[str, object], dict[str, str]]:
             types[name] = "*u8D" if variant.mask == "padding" else "*i64D"  # else the key positions stand in
         elif name in _FLOAT_SCALARS:
             types[name] = "fp32"
-        elif name in ("M", "N", "dropout_threshold"):
+        elif name in ("M", "N", "segment_rows", "stored_rows", "ROWS_BUCKET", "KEYS_BUCKET", "dropout_threshold"):
             types[name] = "i32"  # do_not_specialize
+        elif name == "stride_om" or name.startswith("stride_s"):
+            types[name] = "i32"  # rows of the returned partials (D + 2 floats) and the statistics in a gathered row
         else:
             types[name] = "i32D"  # strides of contiguous tensors, head counts, window sides: multiples of 16
     return constexprs, types

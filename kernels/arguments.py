@@ -21,6 +21,14 @@ def block_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def same_strides(*tensors: Tensor) -> bool:
+    """Whether tensors of one shape are laid out alike, so that one set of strides addresses each (a dimension of size
+    one has no stride that matters: its index is always 0)."""
+    first = tensors[0]
+    return all(t.shape == first.shape and all(a == b for a, b, n in zip(t.stride(), first.stride(), first.shape) if n > 1)
+               for t in tensors)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs are multiplied in full precision (not TF32): the partials must be exact to fp32."""
     return "ieee" if dtype == torch.float32 else "tf32"

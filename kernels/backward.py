@@ -19,14 +19,22 @@ Two kernels, so that every output element is written by exactly one program in a
 Rows with ``row_max = -inf`` (no key visible on any rank) get P = 0 and contribute nothing.
 """
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_mqsp.kernels.arguments import KernelVisibility, dot_precision
-from lightning_mqsp.kernels.tiles import LOG2E, capped, load_tile, load_vector, store_tile, tile_pointers
-from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, BACKWARD_DKDV_CONFIGS, BACKWARD_DQ_CONFIGS, prune_configs
+from lightning_mqsp.kernels.arguments import KernelVisibility, dot_precision, same_strides
+from lightning_mqsp.kernels.tiles import (
+    LOG2E,
+    capped,
+    load_tile,
+    load_vector,
+    row_offsets,
+    segment_tile_pointers,
+    store_tile,
+    tile_pointers,
+)
+from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, BACKWARD_DKDV_CONFIGS, BACKWARD_DQ_CONFIGS, prune_configs, tuning_buckets
 from lightning_mqsp.kernels.visibility import (
     dropout_keep,
     dropout_row_hash,
@@ -91,21 +99,25 @@ def _dq_stage(
 
 
 @triton.autotune(configs=BACKWARD_DQ_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs})
-@triton.jit(do_not_specialize=["M", "N", "dropout_threshold"])
+@triton.jit(do_not_specialize=["M", "N", "segment_rows", "dropout_threshold", "ROWS_BUCKET", "KEYS_BUCKET"])
 def _backward_dq_kernel(
     Q, K, V, DOut, RowMax, RowLogSum, Delta, DQ,
     QueryPos, KeyPos, KeyPadding, QueryDoc, KeyDoc, DropoutSeed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_qs, stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dos, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ss, stride_sb, stride_sh, stride_sm,
+    stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_pad_b, stride_pad_n, stride_qdoc_b, stride_kdoc_b,
-    num_heads, group_size, M, N,
+    num_heads, group_size, M, N, segment_rows, ROWS_BUCKET, KEYS_BUCKET,
     window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Q, DOut and the row statistics are read where they arrived (segments of ``segment_rows``, ``row_offsets``), and
+    dQ is written in the layout it is sent back in."""
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
@@ -115,11 +127,13 @@ def _backward_dq_kernel(
     offs_m = first_row + tl.arange(0, BLOCK_M)
     row_in_range = offs_m < M
 
-    q = load_tile(tile_pointers(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, first_row, stride_qm,
-                                stride_qd, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, True)
-    do = load_tile(tile_pointers(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, first_row,
-                                 stride_dom, stride_dod, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, True)
-    row_stats = batch_head.to(tl.int64) * M + offs_m
+    q = load_tile(segment_tile_pointers(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, first_row,
+                                        segment_rows, stride_qs, stride_qm, stride_qd, BLOCK_M, BLOCK_D),
+                  row_in_range, HEAD_DIM, BLOCK_D, True)
+    do = load_tile(segment_tile_pointers(DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, first_row,
+                                         segment_rows, stride_dos, stride_dom, stride_dod, BLOCK_M, BLOCK_D),
+                   row_in_range, HEAD_DIM, BLOCK_D, True)
+    row_stats = batch.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh + row_offsets(offs_m, segment_rows, stride_ss, stride_sm)
     row_max, row_log_sum_log2 = _normaliser(tl.load(RowMax + row_stats, mask=row_in_range, other=float("-inf")),
                                             tl.load(RowLogSum + row_stats, mask=row_in_range, other=0.0))
     delta = tl.load(Delta + row_stats, mask=row_in_range, other=0.0)
@@ -145,7 +159,8 @@ def _backward_dq_kernel(
             stage != 1, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, SOFTCAP, DROPOUT,
             DOT_PRECISION,
         )
-    dq_pointers = tile_pointers(DQ + batch_head.to(tl.int64) * M * HEAD_DIM, first_row, HEAD_DIM, 1, BLOCK_M, BLOCK_D)
+    dq_pointers = segment_tile_pointers(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, first_row,
+                                        segment_rows, stride_dqs, stride_dqm, stride_dqd, BLOCK_M, BLOCK_D)
     store_tile(dq_pointers, dq * scale, row_in_range, HEAD_DIM, BLOCK_D)
 
 
@@ -153,7 +168,7 @@ def _backward_dq_kernel(
 def _dkdv_stage(
     dk, dv, k, v, key_pos, key_doc, key_attends,
     Q, DOut, RowMax, RowLogSum, Delta, QueryPos, QueryDoc, seed, batch_head,
-    stride_qm, stride_qd, stride_dom, stride_dod,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_sm,
     lo, hi, segment_start, segment_end, window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale, scale,
     MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -170,9 +185,10 @@ def _dkdv_stage(
         q = load_tile(tile_pointers(Q, start_m, stride_qm, stride_qd, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, MASKED)
         do = load_tile(tile_pointers(DOut, start_m, stride_dom, stride_dod, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D,
                        MASKED)
-        row_max, row_log_sum_log2 = _normaliser(load_vector(RowMax + offs_m, row_in_range, float("-inf"), MASKED),
-                                                load_vector(RowLogSum + offs_m, row_in_range, 0.0, MASKED))
-        delta = load_vector(Delta + offs_m, row_in_range, 0.0, MASKED)
+        row_stats = offs_m * stride_sm
+        row_max, row_log_sum_log2 = _normaliser(load_vector(RowMax + row_stats, row_in_range, float("-inf"), MASKED),
+                                                load_vector(RowLogSum + row_stats, row_in_range, 0.0, MASKED))
+        delta = load_vector(Delta + row_stats, row_in_range, 0.0, MASKED)
         scores_t = capped(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), cap_scale, SOFTCAP)
         p_t = _probabilities(scores_t, unit, row_max[None, :], row_log_sum_log2[None, :])
         visible, query_pos = streamed_block_visibility(
@@ -199,18 +215,19 @@ def _dkdv_stage(
 
 @triton.autotune(configs=BACKWARD_DKDV_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs},
                  restore_value=["GradKey", "GradValue"])  # timing a config must not add into the accumulators
-@triton.jit(do_not_specialize=["M", "N", "dropout_threshold"])
+@triton.jit(do_not_specialize=["M", "N", "stored_rows", "dropout_threshold", "ROWS_BUCKET", "KEYS_BUCKET"])
 def _backward_dkdv_kernel(
     Q, K, V, DOut, RowMax, RowLogSum, Delta, GradKey, GradValue,
     QueryPos, KeyPos, KeyPadding, QueryDoc, KeyDoc, DropoutSeed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_qs, stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dos, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ss, stride_sb, stride_sh, stride_sm,
     stride_gkb, stride_gkh, stride_gkn, stride_gkd,
     stride_gvb, stride_gvh, stride_gvn, stride_gvd,
     stride_pad_b, stride_pad_n, stride_qdoc_b, stride_kdoc_b,
-    num_heads, group_size, M, N, query_segments,
+    num_heads, group_size, M, N, stored_rows, ROWS_BUCKET, KEYS_BUCKET, query_segments,
     window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
@@ -256,18 +273,24 @@ def _backward_dkdv_kernel(
     dk = load_tile(grad_key, key_in_range, HEAD_DIM, BLOCK_D, True)
     dv = load_tile(grad_value, key_in_range, HEAD_DIM, BLOCK_D, True)
     segment_rows = M // query_segments
+    # Q, DOut and the statistics are stored as segments of stored_rows rows (the gathered [n, B, H, c, ...], or one
+    # segment of M rows); each query segment lies in one of them, so shifting the base once per segment lets the
+    # inner loop address rows as if they were one matrix.
     # Query heads, then segments, then stages: a fixed order, so the sums are bitwise deterministic. (Heads
     # outside: the segments' bounds are found again for each head, but none stay live across the head loop,
     # which keeps dK and dV in registers at D = 128.)
     for group_index in range(group_size):
         head = kv_head * group_size + group_index
         batch_head = batch * num_heads + head
-        Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        DOut_head = DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-        row_stats = batch_head.to(tl.int64) * M
         for segment in range(query_segments):
             segment_start = segment * segment_rows
             segment_end = segment_start + segment_rows
+            stored = (segment_start // stored_rows).to(tl.int64)
+            stored_start = stored * stored_rows
+            Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + stored * stride_qs - stored_start * stride_qm
+            DOut_head = (DOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + stored * stride_dos
+                         - stored_start * stride_dom)
+            row_stats = batch.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh + stored * stride_ss - stored_start * stride_sm
             # A row at position p sees this block's keys k when k - right <= p <= k + left.
             lo, full_lo, full_hi, hi = visible_stages(
                 QueryPos, QueryDoc, segment_start, segment_end, key_min, key_max, doc_min, doc_max, window_right, window_left,
@@ -278,7 +301,7 @@ def _backward_dkdv_kernel(
                 dk, dv = _dkdv_stage(
                     dk, dv, k, v, key_pos, key_doc, key_attends,
                     Q_head, DOut_head, RowMax + row_stats, RowLogSum + row_stats, Delta + row_stats, QueryPos, QueryDoc,
-                    seed, batch_head, stride_qm, stride_qd, stride_dom, stride_dod,
+                    seed, batch_head, stride_qm, stride_qd, stride_dom, stride_dod, stride_sm,
                     stage_lo, stage_hi, segment_start, segment_end, window_left, window_right, cap_scale, unit,
                     dropout_threshold, dropout_rescale, scale,
                     stage != 1, HEAD_DIM, BLOCK_D, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCUMENTS, SOFTCAP, DROPOUT,
@@ -291,16 +314,21 @@ def _backward_dkdv_kernel(
 
 def partial_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
-    grad_key: Tensor, grad_value: Tensor, visibility: KernelVisibility, scale: float,
-) -> Tensor:
-    """dq [B, H, M, D] float32; adds dK and dV into grad_key and grad_value ([B, H_kv, N, D] float32).
+    grad_query: Tensor, grad_key: Tensor, grad_value: Tensor, visibility: KernelVisibility, scale: float,
+) -> None:
+    """Writes dQ into grad_query [n, B, H, c, D] (any float dtype and strides) and adds dK and dV into grad_key and
+    grad_value ([B, H_kv, N, D] float32).
 
-    q, dout [B, H, M, D] and k, v [B, H_kv, N, D] in one dtype; row_max, row_log_sum and delta are
-    the global (merged) row statistics, [B, H, M] contiguous float32."""
-    batch, heads, rows, head_dim = q.shape
+    q, dout [n, B, H, c, D] (n segments of c rows) and k, v [B, H_kv, N, D] in one dtype; row_max, row_log_sum and
+    delta, [n, B, H, c] float32 with the same strides, are the global (merged) row statistics. The query segments
+    of ``visibility`` must each lie in one of the n: n = 1, or n = visibility.query_segments."""
+    segments, batch, heads, rows, head_dim = q.shape
+    if not same_strides(row_max, row_log_sum, delta):
+        raise ValueError("partial_attention_backward: row_max, row_log_sum and delta must have the same strides")
+    if segments not in (1, visibility.query_segments):
+        raise ValueError(f"partial_attention_backward: {segments} stored segments for {visibility.query_segments} query segments")
     num_kv_heads, num_keys = k.size(1), k.size(2)
-    dq = torch.empty((batch, heads, rows, head_dim), dtype=torch.float32, device=q.device)
-    shared = (*visibility.strides, heads, heads // num_kv_heads, rows, num_keys)
+    shared = (*visibility.strides, heads, heads // num_kv_heads, segments * rows, num_keys, rows, *tuning_buckets(rows, num_keys))
     scalars = (*visibility.scalars(scale), scale)
     flags = dict(**visibility.flags(head_dim), DOT_PRECISION=dot_precision(q.dtype))
 
@@ -308,14 +336,14 @@ def partial_attention_backward(
         return triton.cdiv(num_keys, meta["BLOCK_N"]), batch * num_kv_heads
 
     def dq_grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(rows, meta["BLOCK_M"]), batch * heads
+        return triton.cdiv(segments * rows, meta["BLOCK_M"]), batch * heads
 
-    inputs = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *row_max.stride())
     _backward_dkdv_kernel[dkdv_grid](
         q, k, v, dout, row_max, row_log_sum, delta, grad_key, grad_value, *visibility.pointers,
         *inputs, *grad_key.stride(), *grad_value.stride(), *shared, visibility.query_segments, *scalars, **flags,
     )
     _backward_dq_kernel[dq_grid](
-        q, k, v, dout, row_max, row_log_sum, delta, dq, *visibility.pointers, *inputs, *shared, *scalars, **flags,
+        q, k, v, dout, row_max, row_log_sum, delta, grad_query, *visibility.pointers, *inputs, *grad_query.stride(), *shared,
+        *scalars, **flags,
     )
-    return dq

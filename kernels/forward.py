@@ -16,14 +16,13 @@ multiplies the probabilities by the counter-based keep mask after the sum ``l_i`
 as ``softmax`` then ``dropout`` does.
 """
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_mqsp.kernels.arguments import KernelVisibility, dot_precision
-from lightning_mqsp.kernels.tiles import LOG2E, capped, load_tile, store_tile, tile_pointers
-from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, FORWARD_CONFIGS, prune_configs
+from lightning_mqsp.kernels.arguments import KernelVisibility, dot_precision, same_strides
+from lightning_mqsp.kernels.tiles import LOG2E, capped, load_tile, row_offsets, segment_tile_pointers, store_tile, tile_pointers
+from lightning_mqsp.kernels.tuning import AUTOTUNE_KEY, FORWARD_CONFIGS, prune_configs, tuning_buckets
 from lightning_mqsp.kernels.visibility import dropout_keep, dropout_row_hash, key_block_visibility, query_block, stage_range
 
 
@@ -68,20 +67,25 @@ def _forward_stage(
 
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_configs})
-@triton.jit(do_not_specialize=["M", "N", "dropout_threshold"])
+@triton.jit(do_not_specialize=["M", "N", "segment_rows", "dropout_threshold", "ROWS_BUCKET", "KEYS_BUCKET"])
 def _forward_kernel(
     Q, K, V, Out, RowMax, RowLogSum,
     QueryPos, KeyPos, KeyPadding, QueryDoc, KeyDoc, DropoutSeed,
-    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_qs, stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_os, stride_ob, stride_oh, stride_om, stride_od,
+    stride_ss, stride_sb, stride_sh, stride_sm,
     stride_pad_b, stride_pad_n, stride_qdoc_b, stride_kdoc_b,
-    num_heads, group_size, M, N,
+    num_heads, group_size, M, N, segment_rows, ROWS_BUCKET, KEYS_BUCKET,
     window_left, window_right, cap_scale, unit, dropout_threshold, dropout_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DOCUMENTS: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Rows are stored as segments of ``segment_rows`` (``row_offsets``): Q as the gathered [n, B, H, c, D], Out
+    and the row statistics straight into the buffer that returns them to their ranks ([n, B, H, c, D + 2]: no
+    packing copies). ROWS_BUCKET and KEYS_BUCKET are only the autotuning key."""
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
@@ -91,8 +95,9 @@ def _forward_kernel(
     offs_m = first_row + tl.arange(0, BLOCK_M)
     row_in_range = offs_m < M
 
-    q = load_tile(tile_pointers(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, first_row, stride_qm,
-                                stride_qd, BLOCK_M, BLOCK_D), row_in_range, HEAD_DIM, BLOCK_D, True)
+    q = load_tile(segment_tile_pointers(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, first_row,
+                                        segment_rows, stride_qs, stride_qm, stride_qd, BLOCK_M, BLOCK_D),
+                  row_in_range, HEAD_DIM, BLOCK_D, True)
     KeyDoc += batch.to(tl.int64) * stride_kdoc_b
     query_pos, query_doc, lo, full_lo, full_hi, hi = query_block(
         QueryPos, QueryDoc + batch.to(tl.int64) * stride_qdoc_b, KeyPos, KeyDoc, offs_m, row_in_range, N,
@@ -122,30 +127,31 @@ def _forward_kernel(
     # l_i = 0 exactly when the row saw no key (else the maximum adds exp2(0) = 1): out = 0, row_log_sum = log 1 = 0.
     seen_sum = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / seen_sum[:, None]
-    row_stats = batch_head.to(tl.int64) * M + offs_m
+    row_stats = batch.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh + row_offsets(offs_m, segment_rows, stride_ss, stride_sm)
     tl.store(RowMax + row_stats, m_i * unit, mask=row_in_range)
     tl.store(RowLogSum + row_stats, tl.log(seen_sum), mask=row_in_range)
-    out_pointers = tile_pointers(Out + batch_head.to(tl.int64) * M * HEAD_DIM, first_row, HEAD_DIM, 1, BLOCK_M, BLOCK_D)
+    out_pointers = segment_tile_pointers(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh, first_row,
+                                         segment_rows, stride_os, stride_om, stride_od, BLOCK_M, BLOCK_D)
     store_tile(out_pointers, out, row_in_range, HEAD_DIM, BLOCK_D)
 
 
 def partial_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, visibility: KernelVisibility, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [B, H, M, D], row_max [B, H, M], row_log_sum [B, H, M]), float32, of q [B, H, M, D]
-    against k, v [B, H_kv, N, D] (same dtype as q)."""
-    batch, heads, rows, head_dim = q.shape
-    out = torch.empty((batch, heads, rows, head_dim), dtype=torch.float32, device=q.device)
-    row_max = torch.empty((batch, heads, rows), dtype=torch.float32, device=q.device)
-    row_log_sum = torch.empty_like(row_max)
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor, visibility: KernelVisibility,
+    scale: float,
+) -> None:
+    """Writes out [n, B, H, c, D] (any float dtype, any strides) and row_max, row_log_sum [n, B, H, c] (float32, the
+    same strides) for q [n, B, H, c, D] (n segments of c rows: n x c rows in all) against k, v [B, H_kv, N, D]
+    (q's dtype)."""
+    segments, batch, heads, rows, head_dim = q.shape
+    if not same_strides(row_max, row_log_sum):
+        raise ValueError("partial_attention_forward: row_max and row_log_sum must have the same strides")
 
     def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(rows, meta["BLOCK_M"]), batch * heads
+        return triton.cdiv(segments * rows, meta["BLOCK_M"]), batch * heads
 
     _forward_kernel[grid](
         q, k, v, out, row_max, row_log_sum, *visibility.pointers,
-        *q.stride(), *k.stride(), *v.stride(), *visibility.strides,
-        heads, heads // k.size(1), rows, k.size(2), *visibility.scalars(scale),
-        **visibility.flags(head_dim), DOT_PRECISION=dot_precision(q.dtype),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *row_max.stride(), *visibility.strides,
+        heads, heads // k.size(1), segments * rows, k.size(2), rows, *tuning_buckets(rows, k.size(2)),
+        *visibility.scalars(scale), **visibility.flags(head_dim), DOT_PRECISION=dot_precision(q.dtype),
     )
-    return out, row_max, row_log_sum

@@ -20,6 +20,23 @@ def tile_pointers(Base, first_row, stride_row, stride_d, BLOCK_ROWS: tl.constexp
 
 
 @triton.jit
+def row_offsets(rows, segment_rows, stride_segment, stride_row):
+    """int64 offsets of rows ``rows`` of a tensor stored as segments of ``segment_rows`` rows each: row m is row
+    m % segment_rows of segment m // segment_rows. The rows gathered from P ranks are read where they arrived
+    ([P, ..., c, D]), with no copy joining them; a tensor of one segment has segment_rows = its rows."""
+    return (rows // segment_rows).to(tl.int64) * stride_segment + (rows % segment_rows).to(tl.int64) * stride_row
+
+
+@triton.jit
+def segment_tile_pointers(Base, first_row, segment_rows, stride_segment, stride_row, stride_d, BLOCK_ROWS: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """``tile_pointers`` for rows stored as segments (``row_offsets``): the tile may straddle two of them."""
+    rows = first_row + tl.arange(0, BLOCK_ROWS)
+    columns = tl.arange(0, BLOCK_D)
+    return Base + row_offsets(rows, segment_rows, stride_segment, stride_row)[:, None] + columns[None, :] * stride_d
+
+
+@triton.jit
 def load_tile(pointers, rows_in_range, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
     """A [rows, BLOCK_D] tile; rows out of range (when MASK_ROWS) and columns past HEAD_DIM read as 0.
 
@@ -51,7 +68,11 @@ def load_vector(pointers, in_range, other, MASKED: tl.constexpr):
 
 @triton.jit
 def store_tile(pointers, tile, rows_in_range, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a float32 tile, rounded to nearest (as torch's casts round) where the target is narrower: a layer's
+    bfloat16 output or query gradient is written by the kernels themselves."""
     columns_in_range = tl.arange(0, BLOCK_D) < HEAD_DIM
+    if pointers.dtype.element_ty != tl.float32:
+        tile = tile.to(pointers.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(pointers, tile, mask=rows_in_range[:, None] & columns_in_range[None, :])
 
 

@@ -16,10 +16,18 @@ import triton
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Autotuning reruns a kernel whenever one of these arguments (or an input dtype) changes. In MQSP
-# the rows per micro-step, the local key count, the head size and the window are fixed for a
-# run, so it tunes once per layer shape.
-AUTOTUNE_KEY = ["M", "N", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
+# Autotuning reruns a kernel whenever one of these arguments (or an input dtype) changes. The rows
+# of a segment (a micro-step's rows per rank, the same on every rank of a group) and the local keys
+# enter as powers of two (``tuning_buckets``): a run tunes once per layer shape and length class,
+# not at every new length, and every rank of a group tunes at the same calls, so none waits on
+# another's tuning (the gathered rows would differ between ranks on the steps of a sparse exchange).
+AUTOTUNE_KEY = ["ROWS_BUCKET", "KEYS_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
+
+
+def tuning_buckets(segment_rows: int, keys: int) -> tuple[int, int]:
+    """The autotuning key's row and key counts: each rounded up to a power of two."""
+    return triton.next_power_of_2(segment_rows), triton.next_power_of_2(keys)
+
 
 # The interpreter's block: small enough that tests with 50-100 rows still cover ragged edges.
 _INTERPRETER_BLOCK = 32
@@ -71,3 +79,5 @@ BACKWARD_DQ_CONFIGS = _configs([Shape(128, 32, 4, 3, 64), Shape(64, 64, 4, 3, 64
 # dK/dV programs hold two [BLOCK_N, D] accumulators (half the register file at D = 128) and stream
 # query blocks: narrow BLOCK_M; a warp group (4 warps) per 64 keys, as Hopper's MMA wants.
 BACKWARD_DKDV_CONFIGS = _configs([Shape(32, 128, 8, 3, 64), Shape(32, 64, 4, 3, 64), Shape(16, 128, 8, 3, 128)])
+# The merge streams each partial once (memory-bound, no dot products): one config, not tuned.
+MERGE_CONFIG = _configs([Shape(64, 64, 4, 1, 256)])[0]

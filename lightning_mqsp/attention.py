@@ -42,16 +42,41 @@ Inputs = TypeVar("Inputs")
 AUTO_GATHERED_ROWS = 2048
 
 
-def auto_micro_q_size(local_length: int, world_size: int) -> int:
-    """Rows per rank per micro-step when none is given: about AUTO_GATHERED_ROWS gathered rows a
-    step, so the step's buffers stay a constant size however long the sequence grows; and no more
-    than half the rank's own rows, l/2: a step holds about seven times its gathered queries (the
-    queries and output gradients with their prefetched successors, the output stand-in and dQ of the
-    cpu_flash backward), next to about eight of the rank's own q-sized tensors, so on shorter
-    sequences (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=2 or 4) a full-size step would outweigh
-    them. But at least AUTO_GATHERED_ROWS / 4 rows (all of them on tiny sequences): below that the
-    step's fixed costs outweigh what it saves."""
-    gathered = min(AUTO_GATHERED_ROWS, max(local_length // 2, AUTO_GATHERED_ROWS // 4))
+#: With micro_q_size=None on a GPU, the bytes one micro-step's buffers may take (its gathered rows and their prefetched
+#: successors, the partial results in flight both ways): 256 MiB, 0.3% of an 80 GB device. For Llama-8B's 32 heads of
+#: 128 that is about 4000 gathered rows a step, whose kernels keep an H100 busy about 2 ms at L = 128k, P = 8, where the step's
+#: launches take some 0.1 ms of host time: steps sized on the CPU (2048 rows) left the device waiting on the host.
+DEVICE_STEP_BYTES = 256 * 2**20
+
+
+def step_bytes_per_gathered_row(heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Device bytes a micro-step holds per gathered row: the larger of the forward (the row and its prefetched successor,
+    its partial result sent and the partials received: 2 s D + 2 x 4 (D + 2)) and the backward (the gathered row of
+    ``backward_row_width`` and its successor, the partial dQ sent and received: 2 s W + 2 x 4 D), times the heads."""
+    itemsize, accumulator = dtype.itemsize, accumulation_dtype(dtype).itemsize
+    forward = 2 * itemsize * head_dim + 2 * accumulator * (head_dim + 2)
+    backward = 2 * itemsize * backward_row_width(head_dim, dtype) + 2 * accumulator * head_dim
+    return heads * max(forward, backward)
+
+
+def auto_micro_q_size(local_length: int, world_size: int, row_bytes: int | None = None) -> int:
+    """Rows per rank per micro-step when none is given.
+
+    On the CPU (``row_bytes`` None): about AUTO_GATHERED_ROWS gathered rows a step, so the step's buffers stay a
+    constant size however long the sequence grows; and no more than half the rank's own rows, l/2: a step holds
+    about seven times its gathered queries (the queries and output gradients with their prefetched successors, the
+    output stand-in and dQ of the cpu_flash backward), next to about eight of the rank's own q-sized tensors, so on
+    shorter sequences (l < 2 x AUTO_GATHERED_ROWS, e.g. L=4k over P=2 or 4) a full-size step would outweigh them.
+    But at least AUTO_GATHERED_ROWS / 4 rows (all of them on tiny sequences): below that the step's fixed costs
+    outweigh what it saves.
+
+    On a GPU (``row_bytes``: :func:`step_bytes_per_gathered_row`): as many gathered rows as DEVICE_STEP_BYTES holds,
+    at least AUTO_GATHERED_ROWS, at most the rank's rows: a step's launches cost the host the same at any size, so
+    steps as large as the memory budget allows keep the device busy."""
+    if row_bytes is None:
+        gathered = min(AUTO_GATHERED_ROWS, max(local_length // 2, AUTO_GATHERED_ROWS // 4))
+    else:
+        gathered = max(AUTO_GATHERED_ROWS, DEVICE_STEP_BYTES // row_bytes)
     return max(1, min(local_length, math.ceil(gathered / world_size)))
 
 
@@ -63,20 +88,19 @@ def communication_bytes(
 ) -> dict[str, int]:
     """Bytes rank ``rank`` sends in one call (forward, plus backward if asked), per collective.
 
-    Per micro-step of c rows a rank: its queries, c x H x D in the input dtype, go to every other rank
-    whose keys see some of them (``docs/design.md``, "Sparse exchange"), and it returns the partial
-    outputs with their two row statistics, c x H x (D+2) in float32, to every other rank whose rows its
-    keys saw. Backward: the queries and output gradients (2D, input dtype) with three float32 row
-    statistics go the same way as the queries, the partial query gradients (D, float32) the same way as
-    the outputs. Without a mask every rank sees every row: (P-1)/P x L x H x (D + D+2) forward. A step
-    whose rows every rank sees (all of them without a mask) all-gathers its queries (on gloo the forward
-    sends them by ``comm.exchange``: the same bytes, counted as an all-gather) and reduce-scatters its
-    query gradients; every other transfer is an all-to-all (``comm.exchange``). Independent of the
-    key/value heads: keys and values never travel. ``include_check`` adds the check of a new signature
-    (the first call of its kind on a group): one row of int64s. Not counted: document ids and a dropout
-    seed, when those are used. Under a causal mask or a window the ranks send different amounts. With
-    ``head_groups`` the backward's steps take that many times the rows for as many times fewer heads: the
-    same bytes, unless wider steps change which ranks see a step's rows.
+    Per micro-step of c rows a rank: its queries, c x H x D in the input dtype, go to every other rank whose keys
+    see some of them (``docs/design.md``, "Sparse exchange"), and it returns the partial outputs with their two row
+    statistics, c x H x (D+2) in float32, to every other rank whose rows its keys saw. Backward: the queries and
+    output gradients (2D, input dtype) with three float32 row statistics (the row padded to 16 elements,
+    ``backward_row_width``) go the same way as the queries, the partial query gradients (D, float32) the same way as
+    the outputs. Without a mask every rank sees every row: (P-1)/P x L x H x (D + D+2) forward. A step whose rows
+    every rank sees (all of them without a mask) all-gathers its queries (on gloo the forward sends them by
+    ``comm.exchange``: the same bytes, counted as an all-gather) and reduce-scatters its query gradients; every
+    other transfer is an all-to-all (``comm.exchange``). Independent of the key/value heads: keys and values never
+    travel. ``include_check`` adds the check of a new signature (the first call of its kind on a group): one row of
+    int64s. Not counted: document ids and a dropout seed, when those are used. Under a causal mask or a window the
+    ranks send different amounts. With ``head_groups`` the backward's steps take that many times the rows for as
+    many times fewer heads: the same bytes, unless wider steps change which ranks see a step's rows.
     """
     if world_size == 1:
         return {}
@@ -94,13 +118,21 @@ def communication_bytes(
     for route, rows in routes(step):
         sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * head_dim * itemsize
         sent["all_to_all"] += (len(route.sources) - 1) * rows * (head_dim + 2) * accumulator
+    gathered_row = backward_row_width(head_dim, dtype) * itemsize  # queries, output gradients, row statistics
     for route, rows in routes(min(local_length, step * head_groups)) if backward else ():
-        gathered_row = 2 * head_dim * itemsize + 3 * accumulator  # queries, output gradients, row statistics
         sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * gathered_row
         sent["reduce_scatter" if route.dense else "all_to_all"] += (len(route.sources) - 1) * rows * head_dim * accumulator
     if include_check:
         sent["all_gather"] += (world_size - 1) * (1 + len(SIGNATURE_FIELDS)) * 8
     return {name: n for name, n in sent.items() if n}
+
+
+def backward_row_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` in a row that a backward micro-step gathers: the query, its output gradient and three
+    float32 statistics (row_max, row_log_sum, delta), padded to a multiple of 16 elements, so that every row the
+    kernels read where it arrived starts 16-element aligned (their loads of Q and dO vectorise)."""
+    statistics = -(-3 * accumulation_dtype(dtype).itemsize // dtype.itemsize)
+    return -(-(2 * head_dim + statistics) // 16) * 16
 
 
 @dataclass(frozen=True)
@@ -197,11 +229,31 @@ class _Masks:
             query_documents = documents.movedim(0, 1).reshape(self.documents.size(1), -1)
         query_runs, key_runs = plan.gathered_runs(start, stop, sources), plan.runs(plan.rank)
         return Visibility(
-            query_positions=run_positions(query_runs, plan.device), key_positions=run_positions(key_runs, plan.device),
+            query_positions=_positions(query_runs, plan.device), key_positions=_positions(key_runs, plan.device),
             query_runs=query_runs, key_runs=key_runs, query_segments=len(sources), window=plan.window,
             key_padding_mask=self.key_padding_mask, query_documents=query_documents, key_documents=key_documents,
             softcap=plan.softcap, dropout_p=plan.dropout_p, dropout_seed=self.dropout_seed,
         )
+
+
+#: Position tensors kept for reuse, one a micro-step signature (8 bytes a gathered row each: every step of a layer
+#: shape, forward and backward, 16 MB at L = 1M; no more than this many, at most 8 bytes x this x the rows of a step).
+_CACHED_POSITIONS = 1024
+
+
+def _positions(runs: tuple[Run, ...], device: torch.device) -> Tensor:
+    """The positions of ``runs`` on ``device``: made once per micro-step signature and reused by every layer and step
+    that has the same runs (each step made them anew: four to six launches a step, ``docs/design.md``, "Launches").
+    Fake tensors (memory estimates) and graphs being traced make their own."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+        return run_positions(runs, device)
+    return _cached_positions(runs, device)
+
+
+@functools.lru_cache(maxsize=_CACHED_POSITIONS)
+def _cached_positions(runs: tuple[Run, ...], device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+        return run_positions(runs, device)
 
 
 def _of_ranks(x: Tensor, ranks: tuple[int, ...]) -> Tensor:
@@ -211,49 +263,32 @@ def _of_ranks(x: Tensor, ranks: tuple[int, ...]) -> Tensor:
     return x[list(ranks)]
 
 
-def _share_rows(rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = True) -> Callable[[], list[Tensor]]:
-    """Send this rank's rows of a micro-step [B, H, c, X] to the ranks whose keys see them. The call returned
-    waits for the rows of ``route.sources`` and returns them, one [B, H, c, X] tensor per source. Dense steps
-    all-gather (unless ``all_gather_dense`` is false: then they exchange a copy with every other rank, as the
-    sparse steps do); the others exchange only between ranks that see something, and a rank's own rows stay."""
+def _share_rows(rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = True) -> Callable[[], Tensor]:
+    """Send this rank's rows of a micro-step [B, H, c, X] to the ranks whose keys see them. The call returned waits
+    for the rows of ``route.sources`` and returns them where they arrived, [n, B, H, c, X] (source order), with no
+    copy joining them. Dense steps all-gather (unless ``all_gather_dense`` is false: then they exchange a copy with
+    every other rank, as the sparse steps do); the others exchange only between ranks that see something. Rows go
+    in the order they are stored: sequence-major queries ([B, c, H, X] in memory, as a Hugging Face layer makes
+    them) travel without a copy into head-major order."""
+    sequence_major = not rows.is_contiguous() and rows.transpose(1, 2).is_contiguous()
+    stored = rows.transpose(1, 2) if sequence_major else rows
     if route.dense and all_gather_dense:
-        pending = comm.all_gather(rows, plan.group, what)
-        return lambda: list(pending.wait())
-    to = tuple(r for r in route.destinations if r != plan.rank)
-    received_from = tuple(s for s in route.sources if s != plan.rank)
-    pending = comm.exchange(rows.unsqueeze(0).expand(len(to), *rows.shape), to, received_from, plan.group, what,
-                            counted_as="all_gather" if route.dense else "all_to_all")
+        pending = comm.all_gather(stored, plan.group, what)
+    else:
+        pending = comm.exchange(stored.unsqueeze(0).expand(len(route.destinations), *stored.shape), route.destinations,
+                                route.sources, plan.group, what, counted_as="all_gather" if route.dense else "all_to_all")
 
-    def arrive() -> list[Tensor]:
-        received = iter(pending.wait())
-        return [rows if source == plan.rank else next(received) for source in route.sources]
+    def arrive() -> Tensor:
+        received = pending.wait()
+        return received.transpose(2, 3) if sequence_major else received
 
     return arrive
-
-
-def _join_rows(rows: list[Tensor], columns: slice = slice(None), sequence_major: bool = False) -> Tensor:
-    """The sources' rows [B, H, c, X], columns ``columns``, as one [B, H, n*c, X'] (one copy): contiguous, or with
-    ``sequence_major`` stored as [B, n*c, H, X'] (the layout aten's CPU flash backward needs its output gradient
-    in: it copies any other)."""
-    parts = [r[..., columns] for r in rows]
-    if not sequence_major:
-        return torch.cat(parts, dim=2)
-    b, h, c, width = parts[0].shape
-    joined = parts[0].new_empty((b, len(parts) * c, h, width)).transpose(1, 2)
-    return torch.cat(parts, dim=2, out=joined)
 
 
 def _return_to_sources(parts: Tensor, route: _Route, plan: _Plan, what: str) -> comm.Pending:
     """Slice i of ``parts`` [len(sources), ...] back to ``route.sources[i]``; arrives as [len(destinations), ...]:
     what the ranks that see this rank's rows computed for them."""
     return comm.exchange(parts, route.sources, route.destinations, plan.group, what)
-
-
-def _rows_to_ranks(x: Tensor, ranks: int) -> Tensor:
-    """[B, H, n*c, D] (rows of the first rank, then the second, ...) -> [n, B, c, H, D], sequence-major as the
-    backends' query gradients are stored: a view for B = 1, contiguous, so the collective sends it without a copy."""
-    b, h, rows, d = x.shape
-    return x.transpose(1, 2).reshape(b, ranks, rows // ranks, h, d).movedim(1, 0)
 
 
 def _run_micro_steps(
@@ -438,8 +473,9 @@ class _LocalAttention(torch.autograd.Function):
         row_max = torch.empty(query.shape[:3], dtype=accumulation_dtype(query.dtype), device=query.device)
         row_log_sum = torch.empty_like(row_max)
         for start, stop, sources in _LocalAttention._blocks(plan, _LOCAL_BLOCK_ROWS):
-            part = plan.backend.forward(query[:, :, start:stop], key, value, masks.visibility(plan, (start, stop, sources)), plan.scale)
-            out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = part
+            rows = slice(start, stop)
+            plan.backend.forward(query[:, :, rows], key, value, masks.visibility(plan, (start, stop, sources)), plan.scale,
+                                 into=merge.Partial(out[:, :, rows], row_max[:, :, rows], row_log_sum[:, :, rows]))
         ctx.plan, ctx.masks, ctx.leaf_inputs = plan, masks, (key.is_leaf, value.is_leaf)
         ctx.save_for_backward(_saved_query(query, plan), key, value, out, row_max, row_log_sum)
         return out
@@ -452,15 +488,14 @@ class _LocalAttention(torch.autograd.Function):
 
         def run_pass(plan: _Plan, tensors: tuple[Tensor, ...], grad_query: Tensor, grad_key: Tensor, grad_value: Tensor) -> None:
             query, key, value, grad_out, out, row_max, row_log_sum = tensors
-            dtype = accumulation_dtype(query.dtype)
+            delta = _row_dots(grad_out, out, accumulation_dtype(query.dtype), plan.head_groups)
             # A block of a head group's pass takes head_groups times the rows: the same bytes as one of all heads.
             for start, stop, sources in _LocalAttention._blocks(plan, _LOCAL_BLOCK_ROWS * plan.head_groups):
                 rows = slice(start, stop)
-                grad_query[:, :, rows] = plan.backend.backward(
+                plan.backend.backward(
                     offload.to_device(query[:, :, rows], grad_out.device), key, value, grad_out[:, :, rows],
-                    row_max[:, :, rows].contiguous(), row_log_sum[:, :, rows].contiguous(),
-                    _row_dots(grad_out[:, :, rows], out[:, :, rows], dtype, plan.head_groups),
-                    masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
+                    row_max[:, :, rows], row_log_sum[:, :, rows], delta[:, :, rows],
+                    masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value, grad_query[:, :, rows],
                 )
 
         return *_backward_by_head_groups(ctx, grad_out, run_pass), None, None
@@ -504,22 +539,17 @@ class _MQSPAttention(torch.autograd.Function):
 
         def compute(j: int, gathered_query: Tensor) -> comm.Pending:
             (start, stop), sources = steps[j], routes[j].sources
-            part = plan.backend.forward(gathered_query, key, value, masks.visibility(plan, (start, stop, sources)), plan.scale)
-            # Pack (out | row_max | row_log_sum) source-major in one strided copy: the all-to-all sends it as it is.
-            shape = (b, h, len(sources), stop - start)
-            packed = part.out.new_empty((len(sources), b, h, stop - start, d + 2))
-            packed_rows = packed.movedim(0, 2)  # [B, H, n, c, D+2], a view
-            packed_rows[..., :d] = part.out.view(*shape, d)
-            packed_rows[..., d] = part.row_max.view(shape)
-            packed_rows[..., d + 1] = part.row_log_sum.view(shape)
+            # The partials are written, (out | row_max | row_log_sum) a row, into the buffer the all-to-all sends.
+            packed = gathered_query.new_empty((len(sources), b, h, stop - start, d + 2), dtype=dtype)
+            plan.backend.forward(gathered_query, key, value, masks.visibility(plan, (start, stop, sources)), plan.scale,
+                                 into=merge.Partial(packed[..., :d], packed[..., d], packed[..., d + 1]))
             return _return_to_sources(packed, routes[j], plan, "mqsp_attention: the return of partial outputs")
 
         def finish(j: int, returned: Tensor) -> None:
-            start, stop = steps[j]
-            merged = merge.merge(returned[..., :d], returned[..., d], returned[..., d + 1])
-            out[:, :, start:stop], row_max[:, :, start:stop], row_log_sum[:, :, start:stop] = merged
+            rows = slice(*steps[j])
+            plan.backend.merge(returned, out[:, :, rows], row_max[:, :, rows], row_log_sum[:, :, rows])
 
-        _run_micro_steps(len(steps), gather, lambda arrive: _join_rows(arrive()), compute, finish)
+        _run_micro_steps(len(steps), gather, lambda arrive: arrive(), compute, finish)
         ctx.plan, ctx.masks, ctx.leaf_inputs = plan, masks, (key.is_leaf, value.is_leaf)
         ctx.save_for_backward(_saved_query(query, plan), key, value, out, row_max, row_log_sum)
         return out
@@ -536,38 +566,38 @@ class _MQSPAttention(torch.autograd.Function):
     ) -> None:
         """The backward's micro-steps over the heads of ``tensors``: fills grad_query, adds into grad_key and grad_value."""
         query, key, value, grad_out, out, row_max, row_log_sum = tensors
-        d = query.size(-1)
+        b, h, _, d = query.shape
         dtype = accumulation_dtype(query.dtype)
         steps = _MQSPAttention._steps(plan, plan.backward_rows)
         routes = [plan.route(start, stop) for start, stop in steps]
+        delta = _row_dots(grad_out, out, dtype, plan.head_groups)  # once for the shard, not a few ops every step
+        row_width = backward_row_width(d, query.dtype)
 
-        def gather(j: int) -> Callable[[], list[Tensor]]:
-            start, stop = steps[j]
+        def gather(j: int) -> Callable[[], Tensor]:
+            rows = slice(*steps[j])
             # Query rows and their output gradients travel in the input dtype, row statistics in float32,
             # in one collective: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
-            # exact; one collective a step fewer).
-            step_grad_out = grad_out[:, :, start:stop]
-            delta = _row_dots(step_grad_out, out[:, :, start:stop], dtype, plan.head_groups)
-            stats = torch.stack([row_max[:, :, start:stop], row_log_sum[:, :, start:stop], delta], dim=-1)
-            step_query = offload.to_device(query[:, :, start:stop], grad_out.device)
-            rows = torch.cat([step_query, step_grad_out.to(query.dtype), stats.view(query.dtype)], dim=-1)
-            return _share_rows(rows, routes[j], plan, "mqsp_attention: the backward gather of queries, output gradients, row statistics")
+            # exact; one collective a step fewer). One copy joins them all.
+            stats = [t[:, :, rows, None].view(query.dtype) for t in (row_max, row_log_sum, delta)]
+            step_query = offload.to_device(query[:, :, rows], grad_out.device)
+            step_rows = grad_out.new_empty((b, h, step_query.size(2), row_width), dtype=query.dtype)
+            columns = 2 * d + sum(t.size(-1) for t in stats)  # the rest pads the row and is never read
+            torch.cat([step_query, grad_out[:, :, rows].to(query.dtype), *stats], dim=-1, out=step_rows[..., :columns])
+            what = "mqsp_attention: the backward gather of queries, output gradients, row statistics"
+            return _share_rows(step_rows, routes[j], plan, what)
 
-        def unpack(arrive: Callable[[], list[Tensor]]) -> tuple[Tensor, ...]:
-            rows = arrive()
-            # Straight into [B, H, n*c, ...] tensors: one copy, none in the kernel (output gradients sequence-major).
-            stats = _join_rows(rows, slice(2 * d, None)).view(dtype)
-            step_grad_out = _join_rows(rows, slice(d, 2 * d), sequence_major=True)
-            return _join_rows(rows, slice(0, d)), step_grad_out, stats[..., 0], stats[..., 1], stats[..., 2]
+        def unpack(arrive: Callable[[], Tensor]) -> tuple[Tensor, ...]:
+            rows = arrive()  # [n, B, H, c, 2D + statistics], read where it arrived
+            stats = rows[..., 2 * d :].view(dtype)
+            return rows[..., :d], rows[..., d : 2 * d], stats[..., 0], stats[..., 1], stats[..., 2]
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             (start, stop), sources = steps[j], routes[j].sources
-            step_query, step_grad_out, step_max, step_log_sum, step_delta = inputs
-            part_grad_query = plan.backend.backward(
-                step_query, key, value, step_grad_out, step_max.contiguous(), step_log_sum.contiguous(), step_delta.contiguous(),
-                masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value,
-            )
-            parts = _rows_to_ranks(part_grad_query, len(sources))
+            step_query, step_grad_out, *step_stats = inputs
+            # The partial query gradients are written in the layout they travel in, [n, B, c, H, D].
+            parts = step_query.new_empty((len(sources), b, stop - start, h, d), dtype=dtype)
+            plan.backend.backward(step_query, key, value, step_grad_out, *step_stats, masks.visibility(plan, (start, stop, sources)),
+                                  plan.scale, grad_key, grad_value, grad_query=parts.transpose(2, 3))
             what = "mqsp_attention: the return of partial query gradients"
             if routes[j].dense:
                 # The sum arrives (c rows), where an all-to-all would hold all P partials until summed: that
@@ -645,8 +675,9 @@ def mqsp_attention(
             (seed, batch, head, positions), so forward and recompute agree and the result does
             not depend on ``micro_q_size``. The seed is drawn from the query device's generator
             on the group's first rank.
-        micro_q_size: local query rows per micro-step; None picks
-            about 2048 gathered rows a step (fewer on short sequences), see :func:`auto_micro_q_size`.
+        micro_q_size: local query rows per micro-step; None picks about 2048 gathered rows a step on the CPU
+            (fewer on short sequences), and on a GPU as many as 256 MiB of step buffers hold (about 4000 for Llama-8B's
+            heads), see :func:`auto_micro_q_size`.
         backend: local compute: ``"auto"``, ``"cpu_flash"``, ``"reference"`` or ``"triton"``.
         head_groups: run the backward over the key/value heads in this many groups, one after
             the other (it must divide H_kv): its float32 dK and dV accumulators then hold one
@@ -721,7 +752,7 @@ def _plan(
         return None, None, None, str(unsupported)
     plan = _Plan(
         group=group, world_size=world_size, rank=rank, device=query.device, backend=chosen, layout=a.layout, local_length=local_length,
-        micro_q_size=a.micro_q_size or auto_micro_q_size(local_length, world_size), window=window,
+        micro_q_size=a.micro_q_size or auto_micro_q_size(local_length, world_size, _device_row_bytes(query)), window=window,
         softcap=None if a.softcap is None else float(a.softcap), scale=float(a.scale) if a.scale is not None else query.size(-1) ** -0.5,
         dropout_p=float(a.dropout_p), head_groups=a.head_groups, offload_queries=a.offload_queries,
     )
@@ -732,6 +763,13 @@ def _plan(
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)),
     )
     return plan, masks, signature, None
+
+
+def _device_row_bytes(query: Tensor) -> int | None:
+    """What a gathered row of ``query``'s micro-steps holds on a GPU, which sizes the steps there (None on the CPU)."""
+    if query.device.type != "cuda":
+        return None
+    return step_bytes_per_gathered_row(query.size(1), query.size(-1), query.dtype)
 
 
 def _attend_locally(query: Tensor, key: Tensor, value: Tensor, arguments: _Arguments) -> Tensor:

@@ -278,9 +278,10 @@ def test_counted_bytes_match_the_analytic_formula(workers, world_size: int, back
         # and its keys see the rows of ranks r..P-1; nothing travels between the other pairs. Forward sends
         # its l local queries (fp32, D=16) to each rank that sees them and returns partial outputs plus two
         # statistics (D+2 floats) to each rank it saw; backward re-sends queries and output gradients (2D)
-        # with three statistics the same way, and returns the partial dQ (D).
+        # with three statistics the same way, a row of 35 floats padded to 48 (16-element aligned), and returns
+        # the partial dQ (D).
         rows = 1 * 4 * (64 // world_size)
-        sent_rows, returned_rows = (16, 18) if not backward else (16 + 32 + 3, 18 + 16)
+        sent_rows, returned_rows = (16, 18) if not backward else (16 + 48, 18 + 16)
         assert expected == {"all_to_all": rows * 4 * (rank * sent_rows + (world_size - 1 - rank) * returned_rows)}
 
 
@@ -290,7 +291,8 @@ def test_counted_bytes_without_a_mask_are_the_dense_formula(workers) -> None:
     case = Case(4, micro_q_size=7, causal=False, batch=1, heads=4, head_dim=16)
     rows = 3 * 4 * 16
     for _, repeated, _, expected in workers(4).run(count_bytes, case, True):
-        dense = {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
+        # forward: q; backward: q, dO and 3 statistics, 35 floats padded to 48
+        dense = {"all_gather": rows * (16 + 48) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
         assert repeated == expected == dense
 
 
@@ -463,7 +465,9 @@ def test_a_sliding_window_sends_only_to_the_neighbours() -> None:
     windowed = communication_bytes(world_size=8, rank=3, causal=True, window=(255, None), **common)
     dense = communication_bytes(world_size=8, rank=3, **common)
     row = 8 * 256  # heads x one step of rows: only rank 3's first step is seen by rank 2's keys
-    assert windowed == {"all_to_all": row * (64 * 2 + 2 * 64 * 2 + 12) + row * (66 + 64) * 4}
+    # forward: queries (bf16) out, partials (D + 2 floats) back; backward: queries, output gradients and three float32
+    # statistics, 134 bf16 elements padded to 144, out, dQ (D floats) back.
+    assert windowed == {"all_to_all": row * (64 * 2 + 144 * 2) + row * (66 + 64) * 4}
     assert sum(dense.values()) > 50 * sum(windowed.values())
 
 

@@ -3,18 +3,27 @@
 A backend attends M gathered query rows to the N keys and values this rank holds and returns
 the *partial* result that the distributed softmax merges across ranks (:mod:`lightning_mqsp.merge`):
 
-``forward(q, k, v, visibility, scale) -> Partial(out, row_max, row_log_sum)``
-    q [B, H, M, D], k and v [B, H_kv, N, D] (H % H_kv == 0). ``out`` [B, H, M, D] and the row
-    statistics [B, H, M] are in the accumulation dtype (float32; float64 for float64 inputs).
-    A row with no visible key here has ``row_max = -inf``, ``row_log_sum = 0`` and ``out = 0``.
+``forward(q, k, v, visibility, scale, into=None) -> Partial(out, row_max, row_log_sum)``
+    q [B, H, M, D], or the rows gathered from n ranks where they arrived, [n, B, H, c, D] (M = n x c);
+    k and v [B, H_kv, N, D] (H % H_kv == 0). ``out`` has q's shape and the row statistics its
+    shape without D. Written into ``into`` when given (views of the buffer that returns them to
+    their ranks, or of the layer's output: any float dtype and strides), else made in the
+    accumulation dtype (float32; float64 for float64 inputs). A row with no visible key here
+    has ``row_max = -inf``, ``row_log_sum = 0`` and ``out = 0``.
 
-``backward(q, k, v, dout, row_max, row_log_sum, delta, visibility, scale, grad_key, grad_value) -> dq``
-    ``row_max``, ``row_log_sum`` and ``delta = rowsum(dout * out)`` are [B, H, M] and *global*:
-    those of the merged output, so the result is exactly this rank's share of the gradient.
-    Returns ``dq`` [B, H, M, D] (partial: summed over ranks by the caller) and *adds* this call's
-    dK and dV into ``grad_key`` and ``grad_value`` ([B, H_kv, N, D], accumulation dtype), which
-    the caller zeroes once and every micro-step accumulates into. Rows with ``row_max = -inf``
-    contribute nothing.
+``backward(q, k, v, dout, row_max, row_log_sum, delta, visibility, scale, grad_key, grad_value, grad_query=None) -> dq``
+    ``row_max``, ``row_log_sum`` and ``delta = rowsum(dout * out)`` are [B, H, M] (or [n, B, H, c]
+    with 5-D q and dout) and *global*: those of the merged output, so the result is exactly this
+    rank's share of the gradient. Returns ``dq`` in q's shape (partial: summed over ranks by the
+    caller), written into ``grad_query`` when given, and *adds* this call's dK and dV into
+    ``grad_key`` and ``grad_value`` ([B, H_kv, N, D], accumulation dtype), which the caller
+    zeroes once and every micro-step accumulates into. Rows with ``row_max = -inf`` contribute
+    nothing.
+
+``merge(parts, out, row_max, row_log_sum)``
+    :func:`lightning_mqsp.merge.merge` of the returned partials ``parts`` [n, B, H, c, D + 2]
+    (each row's out, row_max, row_log_sum) into the views ``out`` [B, H, c, D], ``row_max`` and
+    ``row_log_sum`` [B, H, c].
 
 What may be seen is one :class:`~lightning_mqsp.visibility.Visibility`, the same for every
 backend. Every backend keeps its score tiles to itself: nothing of size M x N outlives a call.
@@ -29,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_mqsp.merge import Partial
+from lightning_mqsp.merge import merge as merge_partials_in_torch
 from lightning_mqsp.visibility import Visibility
 
 
@@ -38,12 +48,14 @@ class LocalAttentionBackend(Protocol):
     def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         """None when the backend can run these inputs, else the reason it cannot."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial: ...
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float, into: Partial | None = None) -> Partial: ...
 
     def backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
-        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
+        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor, grad_query: Tensor | None = None,
     ) -> Tensor: ...
+
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None: ...
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,6 +113,48 @@ def reduce_kv_heads(grad: Tensor, num_kv_heads: int) -> Tensor:
     batch, heads, n, d = grad.shape
     groups = heads // num_kv_heads
     return grad if groups == 1 else grad.view(batch, num_kv_heads, groups, n, d).sum(dim=2)
+
+
+def joined_rows(x: Tensor, sequence_major: bool = False) -> Tensor:
+    """[n, B, H, c, X] -> [B, H, n*c, X] (a view for n = 1; one copy otherwise); 4-D x as it is. For the backends
+    whose kernels take one matrix of rows. ``sequence_major`` stores the copy as [B, n*c, H, X] (the layout aten's CPU
+    flash backward needs its output gradient in: it copies any other)."""
+    if x.dim() == 4:
+        return x
+    n, b, h, c, width = x.shape
+    if n == 1 and (not sequence_major or x[0].transpose(1, 2).is_contiguous()):
+        return x[0]
+    if not sequence_major:
+        return torch.cat(x.unbind(0), dim=2)
+    joined = x.new_empty((b, n * c, h, width)).transpose(1, 2)
+    return torch.cat(x.unbind(0), dim=2, out=joined)
+
+
+def segments_of(x: Tensor, like: Tensor) -> Tensor:
+    """[B, H, n*c, ...] as ``like``'s [n, B, H, c, ...] (a view); as it is when ``like`` is 4-D."""
+    if like.dim() == 4:
+        return x
+    return x.unflatten(2, (like.size(0), like.size(3))).movedim(2, 0)
+
+
+def written_into(part: Partial, into: Partial | None, like: Tensor) -> Partial:
+    """``part`` (of the joined rows) as the caller asked for it: copied into ``into``'s views, or in ``like``'s
+    shape (4-D, or segments)."""
+    part = Partial(*(segments_of(t, like) for t in part))
+    if into is None:
+        return part
+    for target, source in zip(into, part):
+        target.copy_(source)
+    return into
+
+
+def merge_in_torch(parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
+    """``LocalAttentionBackend.merge`` in torch ops, for the backends without a merge kernel."""
+    d = parts.size(-1) - 2
+    merged = merge_partials_in_torch(parts[..., :d], parts[..., d], parts[..., d + 1])
+    out.copy_(merged.out)
+    row_max.copy_(merged.row_max)
+    row_log_sum.copy_(merged.row_log_sum)
 
 
 def _register_builtin() -> None:

@@ -48,6 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_mqsp.backends import joined_rows, merge_in_torch, segments_of, written_into
 from lightning_mqsp.layout import Run
 from lightning_mqsp.merge import Partial, finite_max, merge_into
 from lightning_mqsp.visibility import Visibility, Window
@@ -371,7 +372,13 @@ class CpuFlashBackend:
             return "aten's CPU flash kernel cannot soft-cap scores: use the 'reference' backend (or 'triton' on a GPU)"
         return None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float, into: Partial | None = None) -> Partial:
+        return written_into(self._forward(joined_rows(q), k, v, visibility, scale), into, q)
+
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
+        merge_in_torch(parts, out, row_max, row_log_sum)
+
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
         batch, rows = q.size(0), q.size(2)
         q, k, v = q.float(), k.float(), v.float()
         pieces = _pieces(visibility)
@@ -407,6 +414,15 @@ class CpuFlashBackend:
         return result
 
     def backward(
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
+        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor, grad_query: Tensor | None = None,
+    ) -> Tensor:
+        stats = (joined_rows(t.unsqueeze(-1)).squeeze(-1) for t in (row_max, row_log_sum, delta))
+        dq = self._backward(joined_rows(q), k, v, joined_rows(dout, sequence_major=True), *stats, visibility, scale, grad_key, grad_value)
+        dq = segments_of(dq, q)
+        return dq if grad_query is None else grad_query.copy_(dq)
+
+    def _backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
         visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
     ) -> Tensor:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_mqsp.backends import accumulation_dtype, expand_kv_heads, reduce_kv_heads
+from lightning_mqsp.backends import (
+    accumulation_dtype,
+    expand_kv_heads,
+    joined_rows,
+    merge_in_torch,
+    reduce_kv_heads,
+    segments_of,
+    written_into,
+)
 from lightning_mqsp.merge import Partial, finite_max
 from lightning_mqsp.visibility import Visibility
 
@@ -34,7 +42,13 @@ class ReferenceBackend:
             scores = scores.masked_fill(~visible, float("-inf"))
         return scores, capped, visible
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float, into: Partial | None = None) -> Partial:
+        return written_into(self._forward(joined_rows(q), k, v, visibility, scale), into, q)
+
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
+        merge_in_torch(parts, out, row_max, row_log_sum)
+
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
         dtype = accumulation_dtype(q.dtype)
         batch, heads = q.shape[:2]
         q, k, v = q.to(dtype), expand_kv_heads(k.to(dtype), heads), expand_kv_heads(v.to(dtype), heads)
@@ -51,6 +65,14 @@ class ReferenceBackend:
         return Partial(out, row_max, row_log_sum)
 
     def backward(
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
+        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor, grad_query: Tensor | None = None,
+    ) -> Tensor:
+        stats = (joined_rows(t.unsqueeze(-1)).squeeze(-1) for t in (row_max, row_log_sum, delta))
+        dq = segments_of(self._backward(joined_rows(q), k, v, joined_rows(dout), *stats, visibility, scale, grad_key, grad_value), q)
+        return dq if grad_query is None else grad_query.copy_(dq)
+
+    def _backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
         visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
     ) -> Tensor:

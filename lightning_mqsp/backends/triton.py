@@ -94,21 +94,46 @@ class TritonBackend:
             return f"dropout_p must lie in [0, 1), got {visibility.dropout_p}"
         return None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float, into: Partial | None = None) -> Partial:
         from lightning_mqsp.kernels import ops  # imports triton: only now that the kernels are needed
 
-        out, row_max, row_log_sum = ops.partial_attention_forward(
-            q, k.to(q.dtype), v.to(q.dtype), *_op_visibility(visibility, q.device), float(scale),
+        if into is None:
+            statistics = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            into = Partial(q.new_empty(q.shape, dtype=torch.float32), statistics, torch.empty_like(statistics))
+        ops.partial_attention_forward(
+            _segments(q, q), k.to(q.dtype), v.to(q.dtype), *(_segments(t, q) for t in into), *_op_visibility(visibility, q.device),
+            float(scale),
         )
-        return Partial(out, row_max, row_log_sum)
+        return into
 
     def backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
-        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor,
+        visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor, grad_query: Tensor | None = None,
     ) -> Tensor:
         from lightning_mqsp.kernels import ops
 
-        return ops.partial_attention_backward(
-            q, k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype), row_max, row_log_sum, delta, grad_key, grad_value,
+        if grad_query is None:
+            grad_query = q.new_empty(q.shape, dtype=torch.float32)
+        ops.partial_attention_backward(
+            _segments(q, q), k.to(q.dtype), v.to(q.dtype), _segments(dout.to(q.dtype), q),
+            *_same_strides(*(_segments(t, q) for t in (row_max, row_log_sum, delta))), _segments(grad_query, q), grad_key, grad_value,
             *_op_visibility(visibility, q.device), float(scale),
         )
+        return grad_query
+
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
+        from lightning_mqsp.kernels import ops
+
+        ops.merge_partials(parts, out, *_same_strides(row_max, row_log_sum))
+
+
+def _segments(x: Tensor, q: Tensor) -> Tensor:
+    """The kernels' view of rows or row statistics: segments as they are, those of a 4-D q [B, H, M, D] as one segment."""
+    return x.unsqueeze(0) if q.dim() == 4 else x
+
+
+def _same_strides(*statistics: Tensor) -> tuple[Tensor, ...]:
+    """Row statistics with one set of strides, as the kernels read them (contiguous copies when the caller's differ)."""
+    from lightning_mqsp.kernels.arguments import same_strides
+
+    return statistics if same_strides(*statistics) else tuple(t.contiguous() for t in statistics)
