@@ -17,7 +17,8 @@ failure in one is recorded and the others still run:
    key/value heads of 128, bf16, causal and not: its micro-steps as mqsp_attention runs them on this device
    (gathered rows read where they arrive, partials written into the returned buffer, the merge kernel, the
    backward's row copy and dQ store; collectives left out), against flash SDPA's L^2 / P share (flash measured up
-   to L = 128k and scaled by L^2 above). Goals: at least 0.85x at (128k, 8) and (1M, *), 0.5x at (16k, 8);
+   to L = 128k and scaled by L^2 above), and the same steps replayed from a CUDA graph (whether capturing a
+   signature's micro-step loop would pay). Goals: at least 0.85x at (128k, 8) and (1M, *), 0.5x at (16k, 8);
 4. the autotune configs the kernels picked, the device, torch and triton versions, the date;
 5. ``offload_queries`` with ``head_groups=2`` against the plain call at P = 1 (S = 16384, D = 128, 8
    query and 2 key/value heads): the same values, and each backward's time and peak of allocated device memory;
@@ -469,9 +470,12 @@ def time_one_rank_of_many(sizes: Sizes, deadline: float) -> list[dict[str, objec
             row: dict[str, object] = {"seq": seq, "ranks": ranks, "head_dim": d, "causal": causal, "heads": heads,
                                       "kv_heads": heads_kv, "micro_steps": len(steps), "timed_steps": len(timed),
                                       "gathered_rows": ranks * c, "local_keys": local}
-            forward_ms = time_ms(functools.partial(run_micro_steps, passes, 0), sizes.device) * scale_up
-            backward_ms = time_ms(functools.partial(run_micro_steps, passes, 1), sizes.device) * scale_up
+            forward, backward = (functools.partial(run_micro_steps, passes, which) for which in (0, 1))
+            forward_ms = time_ms(forward, sizes.device) * scale_up
+            backward_ms = time_ms(backward, sizes.device) * scale_up
             row["fwd_ms"], row["fwd_bwd_ms"] = forward_ms, forward_ms + backward_ms
+            if sizes.device == "cuda":  # the same steps replayed from a CUDA graph: what capture would save
+                row.update(graph_timings(forward, backward, scale_up))
             reference = min(seq, sizes.flash_max_length)
             full = {name: torch.randn(1, heads, reference, d, generator=g, device=sizes.device, dtype=sizes.timed_dtype)
                     for name in ("q", "k", "v", "dout")}
@@ -489,6 +493,28 @@ def time_one_rank_of_many(sizes: Sizes, deadline: float) -> list[dict[str, objec
             if sizes.device == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def graph_timings(forward: Callable[[], object], backward: Callable[[], object], scale_up: float) -> dict[str, object]:
+    """The timed steps captured in one CUDA graph each way and replayed (the kernels are tuned by then): the time a
+    step's host work costs, to decide whether ``mqsp_attention`` should capture a signature's micro-step loop (only
+    if it is faster). A capture that fails is recorded, not raised."""
+    try:
+        graphs = []
+        for fn in (forward, backward):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()  # warm-up off the capturing stream, as torch.cuda.graphs asks
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graphs.append(graph)
+        forward_ms, backward_ms = (time_ms(graph.replay, "cuda") * scale_up for graph in graphs)
+    except Exception as error:  # noqa: BLE001 - a failed capture is a result of the check
+        return {"graph_error": f"{type(error).__name__}: {error}"}
+    return {"graph_fwd_ms": forward_ms, "graph_fwd_bwd_ms": forward_ms + backward_ms}
 
 
 def run_micro_steps(passes: list[tuple[Callable[[], object], Callable[[], object]]], which: int) -> None:

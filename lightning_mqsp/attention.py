@@ -219,6 +219,12 @@ class _Masks:
     documents: Tensor | None
     dropout_seed: Tensor | None
 
+    @property
+    def may_hide_every_key(self) -> bool:
+        """Whether a row may see no key on any rank: only padding or documents can do that (every window shows a
+        row its own position)."""
+        return self.key_padding_mask is not None or self.documents is not None
+
     def visibility(self, plan: _Plan, step: tuple[int, int, tuple[int, ...]]) -> Visibility:
         """Rows [start, stop) of the ranks ``sources`` (``step``), gathered rank after rank, against this rank's keys."""
         start, stop, sources = step
@@ -547,7 +553,7 @@ class _MQSPAttention(torch.autograd.Function):
 
         def finish(j: int, returned: Tensor) -> None:
             rows = slice(*steps[j])
-            plan.backend.merge(returned, out[:, :, rows], row_max[:, :, rows], row_log_sum[:, :, rows])
+            plan.backend.merge(returned, out[:, :, rows], row_max[:, :, rows], row_log_sum[:, :, rows], masks.may_hide_every_key)
 
         _run_micro_steps(len(steps), gather, lambda arrive: arrive(), compute, finish)
         ctx.plan, ctx.masks, ctx.leaf_inputs = plan, masks, (key.is_leaf, value.is_leaf)
@@ -580,24 +586,26 @@ class _MQSPAttention(torch.autograd.Function):
             # exact; one collective a step fewer). One copy joins them all.
             stats = [t[:, :, rows, None].view(query.dtype) for t in (row_max, row_log_sum, delta)]
             step_query = offload.to_device(query[:, :, rows], grad_out.device)
-            step_rows = grad_out.new_empty((b, h, step_query.size(2), row_width), dtype=query.dtype)
+            # Sequence-major ([B, c, H, W] in memory): what arrives from the ranks is then one [n x c, H, W] matrix for
+            # B = 1, which backends that take one matrix of rows read without joining it (``joined_rows``).
+            step_rows = grad_out.new_empty((b, step_query.size(2), h, row_width), dtype=query.dtype).transpose(1, 2)
             columns = 2 * d + sum(t.size(-1) for t in stats)  # the rest pads the row and is never read
             torch.cat([step_query, grad_out[:, :, rows].to(query.dtype), *stats], dim=-1, out=step_rows[..., :columns])
             what = "mqsp_attention: the backward gather of queries, output gradients, row statistics"
             return _share_rows(step_rows, routes[j], plan, what)
 
         def unpack(arrive: Callable[[], Tensor]) -> tuple[Tensor, ...]:
-            rows = arrive()  # [n, B, H, c, 2D + statistics], read where it arrived
+            rows = arrive()  # [n, B, H, c, W] (2D + statistics + padding), read where it arrived
             stats = rows[..., 2 * d :].view(dtype)
             return rows[..., :d], rows[..., d : 2 * d], stats[..., 0], stats[..., 1], stats[..., 2]
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             (start, stop), sources = steps[j], routes[j].sources
             step_query, step_grad_out, *step_stats = inputs
-            # The partial query gradients are written in the layout they travel in, [n, B, c, H, D].
-            parts = step_query.new_empty((len(sources), b, stop - start, h, d), dtype=dtype)
-            plan.backend.backward(step_query, key, value, step_grad_out, *step_stats, masks.visibility(plan, (start, stop, sources)),
-                                  plan.scale, grad_key, grad_value, grad_query=parts.transpose(2, 3))
+            part_grad_query = plan.backend.backward(step_query, key, value, step_grad_out, *step_stats,
+                                                    masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value)
+            # [n, B, c, H, D]: the layout the backends store dQ in, sent as it is (a copy only if a backend did not).
+            parts = part_grad_query.transpose(2, 3)
             what = "mqsp_attention: the return of partial query gradients"
             if routes[j].dense:
                 # The sum arrives (c rows), where an all-to-all would hold all P partials until summed: that

@@ -20,10 +20,11 @@ the *partial* result that the distributed softmax merges across ranks (:mod:`lig
     zeroes once and every micro-step accumulates into. Rows with ``row_max = -inf`` contribute
     nothing.
 
-``merge(parts, out, row_max, row_log_sum)``
+``merge(parts, out, row_max, row_log_sum, rows_may_be_empty=True)``
     :func:`lightning_mqsp.merge.merge` of the returned partials ``parts`` [n, B, H, c, D + 2]
     (each row's out, row_max, row_log_sum) into the views ``out`` [B, H, c, D], ``row_max`` and
-    ``row_log_sum`` [B, H, c].
+    ``row_log_sum`` [B, H, c]. ``rows_may_be_empty=False`` says that every row saw some key
+    (no padding, no documents), which spares a few ops.
 
 What may be seen is one :class:`~lightning_mqsp.visibility.Visibility`, the same for every
 backend. Every backend keeps its score tiles to itself: nothing of size M x N outlives a call.
@@ -37,8 +38,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lightning_mqsp.merge import Partial
-from lightning_mqsp.merge import merge as merge_partials_in_torch
+from lightning_mqsp.merge import Partial, merge_stacked_into
 from lightning_mqsp.visibility import Visibility
 
 
@@ -55,7 +55,7 @@ class LocalAttentionBackend(Protocol):
         visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor, grad_query: Tensor | None = None,
     ) -> Tensor: ...
 
-    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None: ...
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor, rows_may_be_empty: bool = True) -> None: ...
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,14 +116,17 @@ def reduce_kv_heads(grad: Tensor, num_kv_heads: int) -> Tensor:
 
 
 def joined_rows(x: Tensor, sequence_major: bool = False) -> Tensor:
-    """[n, B, H, c, X] -> [B, H, n*c, X] (a view for n = 1; one copy otherwise); 4-D x as it is. For the backends
-    whose kernels take one matrix of rows. ``sequence_major`` stores the copy as [B, n*c, H, X] (the layout aten's CPU
-    flash backward needs its output gradient in: it copies any other)."""
+    """[n, B, H, c, X] -> [B, H, n*c, X], for the backends whose kernels take one matrix of rows; 4-D x as it is.
+    A view where the segments' rows follow each other in memory (rows that travelled sequence-major, B = 1: the
+    backward's, and a Hugging Face layer's queries), else one copy, stored as [B, n*c, H, X] with
+    ``sequence_major`` (the layout aten's CPU flash backward needs its output gradient in: it copies any other)."""
     if x.dim() == 4:
         return x
     n, b, h, c, width = x.shape
-    if n == 1 and (not sequence_major or x[0].transpose(1, 2).is_contiguous()):
-        return x[0]
+    if n == 1 or (b == 1 and x.stride(0) == c * x.stride(3)):
+        joined = x.movedim(0, 2).flatten(2, 3)  # a view
+        if not sequence_major or joined.transpose(1, 2).is_contiguous():
+            return joined
     if not sequence_major:
         return torch.cat(x.unbind(0), dim=2)
     joined = x.new_empty((b, n * c, h, width)).transpose(1, 2)
@@ -138,23 +141,38 @@ def segments_of(x: Tensor, like: Tensor) -> Tensor:
 
 
 def written_into(part: Partial, into: Partial | None, like: Tensor) -> Partial:
-    """``part`` (of the joined rows) as the caller asked for it: copied into ``into``'s views, or in ``like``'s
-    shape (4-D, or segments)."""
+    """``part`` (of the joined rows) as the caller asked for it: written into ``into``'s views (by one copy where
+    they are the columns of one buffer, as the forward's partials are: (out | row_max | row_log_sum) a row), or in
+    ``like``'s shape (4-D, or segments)."""
     part = Partial(*(segments_of(t, like) for t in part))
     if into is None:
         return part
+    buffer = _columns_of_one_buffer(into)
+    if buffer is not None:
+        torch.cat([part.out, part.row_max.unsqueeze(-1), part.row_log_sum.unsqueeze(-1)], dim=-1, out=buffer)
+        return into
     for target, source in zip(into, part):
         target.copy_(source)
     return into
 
 
-def merge_in_torch(parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
+def _columns_of_one_buffer(into: Partial) -> Tensor | None:
+    """The [..., D + 2] view whose columns are ``into``'s out, row_max and row_log_sum, if they are that."""
+    if torch.compiler.is_compiling():  # the one-rank path under torch.compile: data pointers are not traceable
+        return None
+    out, row_max, row_log_sum = into
+    d, itemsize = out.size(-1), out.element_size()
+    columns = (out.dtype == row_max.dtype == row_log_sum.dtype and out.stride(-1) == 1
+               and row_max.stride() == row_log_sum.stride() == out.stride()[:-1]
+               and row_max.data_ptr() == out.data_ptr() + d * itemsize and row_log_sum.data_ptr() == out.data_ptr() + (d + 1) * itemsize)
+    return out.as_strided((*out.shape[:-1], d + 2), out.stride()) if columns else None
+
+
+def merge_in_torch(parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor, rows_may_be_empty: bool = True) -> None:
     """``LocalAttentionBackend.merge`` in torch ops, for the backends without a merge kernel."""
     d = parts.size(-1) - 2
-    merged = merge_partials_in_torch(parts[..., :d], parts[..., d], parts[..., d + 1])
-    out.copy_(merged.out)
-    row_max.copy_(merged.row_max)
-    row_log_sum.copy_(merged.row_log_sum)
+    merge_stacked_into(Partial(parts[..., :d], parts[..., d], parts[..., d + 1]), Partial(out, row_max, row_log_sum),
+                       rows_may_be_empty)
 
 
 def _register_builtin() -> None:

@@ -42,6 +42,7 @@ take: ``supports`` says so and ``backend="auto"`` falls back to the reference ba
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,7 +51,7 @@ from torch import Tensor
 
 from lightning_mqsp.backends import joined_rows, merge_in_torch, segments_of, written_into
 from lightning_mqsp.layout import Run
-from lightning_mqsp.merge import Partial, finite_max, merge_into
+from lightning_mqsp.merge import Partial, merge_into
 from lightning_mqsp.visibility import Visibility, Window
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -234,38 +235,66 @@ def _attend(visibility: Visibility, piece: _Piece, batch_size: int) -> Tensor | 
     return visibility.key_padding_mask[:, None, None, piece.keys]
 
 
-def _bias(attend: Tensor | None, level: Tensor, negated_level: Tensor) -> tuple[Tensor, Tensor]:
-    """(additive bias for the kernel, the level it subtracts from each row, [B, H, m]): ``level`` [B, H, m]
-    as finely as the bias carries it without growing (see the module docstring), and -inf where ``attend``
-    is False. ``negated_level`` is ``-level`` as [B, H, m, 1], the bias when nothing is masked (sliced from one
-    tensor made per call: the pieces' own negations were a sixth of a causal step's small aten calls)."""
+def _bias(attend: Tensor | None, negated_level: Tensor) -> tuple[Tensor, Tensor]:
+    """(additive bias for the kernel [B, H, m, 1] or broader, the negated level it adds to each row [B, H, m]): the
+    rows' ``negated_level`` [B, H, m] as finely as the bias carries it without growing (see the module docstring), and
+    -inf where ``attend`` is False. Unmasked, the bias is the negated level itself (a view: no op)."""
     if attend is None:
-        return negated_level, level
-    used = level.mean(dim=-1, keepdim=True) if attend.size(-2) == 1 else level.mean(dim=1, keepdim=True)
-    bias = torch.where(attend, used.neg().unsqueeze(-1), torch.full((), float("-inf"), dtype=level.dtype, device=level.device))
-    return bias, used.expand_as(level)
+        return negated_level.unsqueeze(-1), negated_level
+    used = negated_level.mean(dim=-1, keepdim=True) if attend.size(-2) == 1 else negated_level.mean(dim=1, keepdim=True)
+    bias = torch.where(attend, used.unsqueeze(-1), torch.full((), float("-inf"), dtype=used.dtype, device=used.device))
+    return bias, used.expand_as(negated_level)
 
 
-def _row_levels(q: Tensor, k: Tensor, scale: float, key_padding_mask: Tensor | None) -> Tensor:
-    """[B, H, M]: each row's mean score over the unpadded keys of ``k``, a level near its log-sum-exp
+def _negated_row_levels(q: Tensor, k: Tensor, scale: float, key_padding_mask: Tensor | None) -> Tensor:
+    """[B, H, M]: minus each row's mean score over the unpadded keys of ``k``, a level near its log-sum-exp
     (any float32 value is exact as a level: the kernel subtracts it as given; a near one keeps the
-    kernel's log-sum-exp small; padded keys may hold anything, so they do not count)."""
-    if key_padding_mask is None:
-        mean_key = k.mean(dim=2)
-    else:
-        weights = key_padding_mask.to(k.dtype)[:, None, None, :]  # [B, 1, 1, N]
-        mean_key = (weights @ k).squeeze(2) / weights.sum(dim=-1).clamp(min=1.0)
-    mean_key = mean_key.repeat_interleave(q.size(1) // k.size(1), dim=1)  # [B, H, D]
-    return (q @ mean_key.unsqueeze(-1)).squeeze(-1).mul_(scale)
+    kernel's log-sum-exp small; padded keys may hold anything, so they do not count). One matmul a call: the
+    scaled mean key is the same in every micro-step of a layer (``_KEY_MEANS``)."""
+    return (q @ _KEY_MEANS.get(k, key_padding_mask, q.size(1), -scale).unsqueeze(-1)).squeeze(-1)
 
 
-def _split_sum(level: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """(row_max, row_log_sum) with row_max + row_log_sum == level + lse exactly: the float32 sum and
-    its rounding error (Knuth's TwoSum). Rows with lse = -inf (no key) give (-inf, 0)."""
-    total = lse + level
-    level_part = total - lse
-    lse_part = total - level_part
-    error = (level - level_part) + (lse - lse_part)
+class _KeyMeans:
+    """The last key tensor's scaled mean key [B, H, D], per query head: every micro-step of a call attends the same
+    keys (four ops a step made it anew). Kept by identity and version of the keys and padding mask."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[object, ...] | None = None
+
+    def get(self, k: Tensor, key_padding_mask: Tensor | None, heads: int, factor: float) -> Tensor:
+        if torch.compiler.is_compiling():  # traced graphs compute it (a cache is not traceable)
+            return self._compute(k, key_padding_mask, heads, factor)
+        versions = (k._version, None if key_padding_mask is None else key_padding_mask._version, heads, factor)
+        entry = self._entry
+        if entry is not None and entry[0]() is k and entry[1] is key_padding_mask and entry[2] == versions:
+            return entry[3]  # type: ignore[return-value]
+        mean_key = self._compute(k, key_padding_mask, heads, factor)
+        self._entry = (weakref.ref(k), key_padding_mask, versions, mean_key)
+        return mean_key
+
+    @staticmethod
+    def _compute(k: Tensor, key_padding_mask: Tensor | None, heads: int, factor: float) -> Tensor:
+        k = k.float()
+        if key_padding_mask is None:
+            mean_key = k.mean(dim=2)
+        else:
+            weights = key_padding_mask.to(k.dtype)[:, None, None, :]  # [B, 1, 1, N]
+            mean_key = (weights @ k).squeeze(2) / weights.sum(dim=-1).clamp(min=1.0)
+        return mean_key.repeat_interleave(heads // k.size(1), dim=1).mul_(factor)  # [B, H, D]
+
+
+_KEY_MEANS = _KeyMeans()
+
+
+def _split_sum(negated_level: Tensor, lse: Tensor, may_be_empty: bool) -> tuple[Tensor, Tensor]:
+    """(row_max, row_log_sum) with row_max + row_log_sum == level + lse exactly (level = -negated_level): the float32
+    sum and its rounding error (Knuth's TwoSum). With ``may_be_empty``, rows with lse = -inf (no key) give (-inf, 0)."""
+    total = lse - negated_level
+    negated_level_part = lse - total
+    lse_part = total + negated_level_part
+    error = (lse - lse_part) - (negated_level - negated_level_part)
+    if not may_be_empty:
+        return total, error
     empty = torch.isneginf(lse)
     return total.masked_fill(empty, float("-inf")), error.masked_fill(empty, 0.0)
 
@@ -284,25 +313,14 @@ def _rows_without_keys(attend: Tensor | None, piece: _Piece) -> Tensor | None:
 
 def _output_with_delta(dout: Tensor, delta: Tensor) -> Tensor:
     """A stand-in for the global output O, whose only use in the kernel's backward is
-    delta = rowsum(dout * O): u * delta / (peak * |u|^2) with u = dout / peak and peak = max|dout|
-    has exactly that row sum, so the rows' outputs need not travel between ranks. Working on u,
-    whose squared norm lies in [1, D], keeps it exact however large or small dout is (|dout|^2
-    itself overflows float32 at 1e19 and underflows at 1e-23). Rows with dout = 0 get 0.
-    One [M, D] tensor besides small temporaries. Row dot products as batched [1, D] x [D, 1]
-    matmuls: aten's reductions over a last dimension of 64 are about 5x slower here."""
-    peak = dout.abs().amax(dim=-1, keepdim=True)
-    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-    unit = dout / peak
-    norm = _row_dot(unit, unit).unsqueeze(-1)
-    return unit.mul_(delta.unsqueeze(-1) / peak / torch.where(norm > 0, norm, torch.ones_like(norm)))
-
-
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum(a * b, dim=-1) for [B, H, M, D] tensors, as a batched matmul over the rows in the order they are
-    stored: head-major or sequence-major ([B, M, H, D] viewed as [B, H, M, D]), neither copied."""
-    if not a.is_contiguous() and a.transpose(1, 2).is_contiguous():
-        return _row_dot(a.transpose(1, 2), b.transpose(1, 2)).transpose(1, 2)
-    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).view(a.shape[:-1])
+    delta = rowsum(dout * O): zero but for each row's largest entry of dout in magnitude, j, which holds
+    delta / dout[j], so that the row sum is delta (to the rounding of one division), and the rows' outputs
+    need not travel between ranks. No overflow: |delta / dout[j]| <= D max|O| as |dout[j]| is the largest.
+    Rows with dout = 0 get 0 (their delta is 0). One [M, D] tensor and eight small ops."""
+    largest, where = dout.abs().max(dim=-1, keepdim=True)
+    pivot = dout.gather(-1, where)
+    value = delta.unsqueeze(-1) / pivot.masked_fill_(largest == 0, 1.0)
+    return torch.zeros_like(dout).scatter_(-1, where, value)
 
 
 class _Written:
@@ -375,20 +393,19 @@ class CpuFlashBackend:
     def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float, into: Partial | None = None) -> Partial:
         return written_into(self._forward(joined_rows(q), k, v, visibility, scale), into, q)
 
-    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
-        merge_in_torch(parts, out, row_max, row_log_sum)
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor, rows_may_be_empty: bool = True) -> None:
+        merge_in_torch(parts, out, row_max, row_log_sum, rows_may_be_empty)
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
         batch, rows = q.size(0), q.size(2)
         q, k, v = q.float(), k.float(), v.float()
         pieces = _pieces(visibility)
-        level = _row_levels(q, k, scale, visibility.key_padding_mask)
-        negated_level = level.neg().unsqueeze(-1)
+        negated_level = _negated_row_levels(q, k, scale, visibility.key_padding_mask)
         result = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3]))
         written = _Written()
         for piece in pieces:
             attend = _attend(visibility, piece, batch)
-            bias, used = _bias(attend, level[:, :, piece.rows], negated_level[:, :, piece.rows])
+            bias, used = _bias(attend, negated_level[:, :, piece.rows])
             out, lse = _flash_forward(
                 q[:, :, piece.rows], k[:, :, piece.keys], v[:, :, piece.keys], 0.0, piece.kind == "causal",
                 attn_mask=bias, scale=scale,
@@ -396,14 +413,14 @@ class CpuFlashBackend:
             empty = _rows_without_keys(attend, piece)
             if empty is not None:
                 out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
-            row_max, row_log_sum = _split_sum(used, lse)
+            row_max, row_log_sum = _split_sum(used, lse, may_be_empty=empty is not None)
             if _covers_all(pieces, rows):
                 return Partial(out, row_max, row_log_sum)
             for start, stop, seen in written.split(piece.row_start, piece.row_stop):
                 into = Partial(*(t[:, :, start:stop] for t in result))
                 part = Partial(*(t[:, :, start - piece.row_start : stop - piece.row_start] for t in (out, row_max, row_log_sum)))
                 if seen:
-                    merge_into(into, part)
+                    merge_into(into, part, rows_may_be_empty=visibility.masks_within_runs)
                 else:
                     for target, source in zip(into, part):
                         target.copy_(source)
@@ -432,8 +449,7 @@ class CpuFlashBackend:
         # The kernel recomputes p = exp(s - level - lse) with lse = (row_max - level) + row_log_sum: exactly
         # row_log_sum where the level is the row's own row_max. A row with no key anywhere (row_max = -inf)
         # must give p = 0: its row_log_sum becomes +inf (a finite level plus +inf stays +inf).
-        level = finite_max(row_max)
-        negated_level = level.neg().unsqueeze(-1)
+        negated_level = row_max.neg().nan_to_num_(nan=float("nan"), posinf=0.0)  # -level; 0 where row_max = -inf
         row_log_sum = row_log_sum.masked_fill(torch.isneginf(row_max), float("inf"))
         pieces = _key_blocks(_pieces(visibility, skyline=True), min(KEY_BLOCK, max(rows // 2, 128)))
         dq = q.new_empty((batch, rows, q.size(1), q.size(3))).transpose(1, 2)  # sequence-major, as the kernel returns its own
@@ -441,9 +457,9 @@ class CpuFlashBackend:
         for piece in pieces:
             r, c = piece.rows, piece.keys
             attend = _attend(visibility, piece, batch)
-            bias, used = _bias(attend, level[:, :, r], negated_level[:, :, r])
+            bias, used = _bias(attend, negated_level[:, :, r])
             # Unmasked, the level is the row's own and the kernel's lse is row_log_sum itself (no arithmetic).
-            lse = row_log_sum[:, :, r] if attend is None else (level[:, :, r] - used) + row_log_sum[:, :, r]
+            lse = row_log_sum[:, :, r] if attend is None else (used - negated_level[:, :, r]) + row_log_sum[:, :, r]
             part_dq, part_dk, part_dv = _flash_backward(
                 dout[:, :, r], q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse, 0.0, piece.kind == "causal",
                 attn_mask=bias, scale=scale,

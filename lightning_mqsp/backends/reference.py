@@ -45,8 +45,8 @@ class ReferenceBackend:
     def forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float, into: Partial | None = None) -> Partial:
         return written_into(self._forward(joined_rows(q), k, v, visibility, scale), into, q)
 
-    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
-        merge_in_torch(parts, out, row_max, row_log_sum)
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor, rows_may_be_empty: bool = True) -> None:
+        merge_in_torch(parts, out, row_max, row_log_sum, rows_may_be_empty)
 
     def _forward(self, q: Tensor, k: Tensor, v: Tensor, visibility: Visibility, scale: float) -> Partial:
         dtype = accumulation_dtype(q.dtype)

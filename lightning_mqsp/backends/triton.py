@@ -112,8 +112,9 @@ class TritonBackend:
     ) -> Tensor:
         from lightning_mqsp.kernels import ops
 
-        if grad_query is None:
-            grad_query = q.new_empty(q.shape, dtype=torch.float32)
+        if grad_query is None:  # segments: sequence-major ([n, B, c, H, D] in memory), the layout dQ travels in
+            grad_query = q.new_empty(q.shape, dtype=torch.float32) if q.dim() == 4 else \
+                q.new_empty((*q.shape[:2], q.size(3), q.size(2), q.size(4)), dtype=torch.float32).transpose(2, 3)
         ops.partial_attention_backward(
             _segments(q, q), k.to(q.dtype), v.to(q.dtype), _segments(dout.to(q.dtype), q),
             *_same_strides(*(_segments(t, q) for t in (row_max, row_log_sum, delta))), _segments(grad_query, q), grad_key, grad_value,
@@ -121,7 +122,7 @@ class TritonBackend:
         )
         return grad_query
 
-    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor) -> None:
+    def merge(self, parts: Tensor, out: Tensor, row_max: Tensor, row_log_sum: Tensor, rows_may_be_empty: bool = True) -> None:
         from lightning_mqsp.kernels import ops
 
         ops.merge_partials(parts, out, *_same_strides(row_max, row_log_sum))
