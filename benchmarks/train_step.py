@@ -33,7 +33,9 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -205,7 +207,7 @@ class Run:
     mlp_tile: int
     loss_chunk: int
     head_groups: int
-    micro_q_size: int
+    micro_q_size: int | None  # None: GATHERED_ROWS / P query rows, as the estimator assumes (fewer on a short L)
     offload_parameters: bool
     estimate: bool
     peak_flops: float | None  # None: from PEAK_FLOPS by the device's name
@@ -213,6 +215,10 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         return self.length  # one sequence a step, split over the P ranks
+
+    @property
+    def micro_q_rows(self) -> int:
+        return self.micro_q_size or max(1, min(self.length, GATHERED_ROWS) // self.devices)
 
 
 def check(run: Run) -> None:
@@ -240,7 +246,7 @@ def measure(run: Run) -> dict[str, Any]:
     config = llama_config(run.preset, run.length)
     estimate = estimated_memory(run.preset, run.length, run.devices, run.offload_parameters, on_gpu) if run.estimate else None
     strategy = MQSPFSDPStrategy(
-        sequence_parallel_size=run.devices, micro_q_size=run.micro_q_size, attention_backend="triton" if on_gpu else "auto",
+        sequence_parallel_size=run.devices, micro_q_size=run.micro_q_rows, attention_backend="triton" if on_gpu else "auto",
         activation_checkpointing=True, offload_activations=True, mlp_tile_size=run.mlp_tile, attention_head_groups=run.head_groups,
         mixed_precision=True, offload_parameters=run.offload_parameters,
     )
@@ -274,17 +280,23 @@ def _report(
         "date": datetime.date.today().isoformat(), "device": device_name, "rank": rank,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__},
         "run": dataclasses.asdict(run),
-        "parameters": parameters,
+        "parameters": parameters, "micro_q_size": run.micro_q_rows,
         "step_seconds": timer.seconds, "losses": timer.losses,
         "step_time_s": step_time, "tokens_per_s": run.tokens_per_step / step_time,
         "model_flops_per_step": flops, "peak_flops": peak, "mfu": None if peak is None else flops / step_time / (peak * run.devices),
         "device_peak_allocated_bytes": allocated,
         "device_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if on_gpu else None,
+        **_estimate_fields(allocated, estimate),
+        "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux counts KiB
+        "host_pinned_peak_bytes": pinned,
+    }
+
+
+def _estimate_fields(allocated: int | None, estimate: tuple[int, int] | None) -> dict[str, Any]:
+    return {
         "estimate_device_bytes": None if estimate is None else estimate[0],
         "estimate_host_bytes": None if estimate is None else estimate[1],
         "measured_over_estimate": None if estimate is None or allocated is None else allocated / estimate[0],
-        "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux counts KiB
-        "host_pinned_peak_bytes": pinned,
     }
 
 
@@ -322,46 +334,68 @@ def _argv(run: Run) -> list[str]:
     """The command-line arguments that make ``run`` again (in a fresh process)."""
     return ["--preset", run.preset, "--length", str(run.length), "--devices", str(run.devices), "--accelerator", run.accelerator,
             "--steps", str(run.steps), "--warmup", str(run.warmup), "--mlp-tile", str(run.mlp_tile), "--loss-chunk", str(run.loss_chunk),
-            "--head-groups", str(run.head_groups), "--micro-q-size", str(run.micro_q_size),
+            "--head-groups", str(run.head_groups), *([] if run.micro_q_size is None else ["--micro-q-size", str(run.micro_q_size)]),
             "--offload-parameters", "on" if run.offload_parameters else "off", *([] if run.estimate else ["--no-estimate"]),
             *([] if run.peak_flops is None else ["--peak-flops", str(run.peak_flops)])]
 
 
+class TimedOut(Exception):
+    """A try ran past its time: that says nothing about its memory, so a search ends there."""
+
+
 def measure_in_a_fresh_process(run: Run, timeout_s: float) -> dict[str, Any] | None:
-    """``measure(run)`` in a new process: its report, or None when it ran out of memory (device or host). Raises on any
-    other failure, with the end of what the process printed."""
+    """``measure(run)`` in a new process: its report, or None when it ran out of memory (device or host). Raises
+    :class:`TimedOut` past ``timeout_s`` (the process and its ranks killed), and RuntimeError on any other failure,
+    with the end of what the process printed."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "report.json"
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *_argv(run), "--out", str(out)],
-                              capture_output=True, text=True, timeout=timeout_s)
+        # A session of its own: at P > 1 the try starts its ranks, and a time-out must stop them all with it.
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *_argv(run), "--out", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as error:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise TimedOut(f"L = {run.length:,} ran past {timeout_s:.0f} s") from error
         if proc.returncode == 0:
             return json.loads(out.read_text())
-    said = proc.stdout[-2000:] + proc.stderr[-4000:]
-    if proc.returncode == -9 or any(sign in said for sign in _OUT_OF_MEMORY):  # -9: the host's OOM killer
+    said = stdout[-2000:] + stderr[-4000:]
+    if proc.returncode == -signal.SIGKILL or any(sign in said for sign in _OUT_OF_MEMORY):  # SIGKILL: the host's OOM killer
         return None
     raise RuntimeError(f"L = {run.length:,} failed for a reason other than memory (exit {proc.returncode}):\n{said}")
 
 
 def search(run: Run, granularity: int, limit: int, max_tries: int, timeout_s: float) -> dict[str, Any]:
-    """The longest L that trains (tries of two steps, no estimate), then that L measured with ``run``'s steps and the
-    estimate, and the estimator's own longest L for this GPU's memory."""
-    if granularity % (2 * run.devices):
-        raise ValueError(f"--granularity {granularity} must be a multiple of 2P = {2 * run.devices} (the zigzag layout's chunks)")
+    """The longest L that trains (:func:`longest_length`, each try in a fresh process, without the estimate), with the
+    report of its try and the estimate for it. A try that times out ends the search: the longest so far is then a
+    bound set by time, not memory (``stopped``)."""
+    # With the parameters and AdamW state in host memory every step's device peak is the same: one step proves a
+    # length. On the device, AdamW's moments appear in the first step's optimizer step: the second step peaks higher.
+    warmup = 0 if run.offload_parameters else 1
     tries: list[dict[str, Any]] = []
+    reports: dict[int, dict[str, Any]] = {}
 
     def trains(length: int) -> bool:
-        report = measure_in_a_fresh_process(dataclasses.replace(run, length=length, steps=1, warmup=1, estimate=False), timeout_s)
+        report = measure_in_a_fresh_process(dataclasses.replace(run, length=length, steps=1, warmup=warmup, estimate=False), timeout_s)
         tries.append({"length": length, "trains": report is not None})
         print(f"[train_step] L = {length:,}: {'trains' if report is not None else 'out of memory'}", flush=True)
+        if report is not None:
+            reports[length] = report
         return report is not None
 
-    longest, _ = longest_length(trains, run.length, granularity, limit, max_tries)
-    if not longest:
-        return {"longest_length": 0, "tries": tries, "report": None}
-    report = measure_in_a_fresh_process(dataclasses.replace(run, length=longest), timeout_s)
-    budget = torch.cuda.get_device_properties(0).total_memory if run.accelerator == "cuda" else None
-    estimated = None if budget is None else estimated_longest_length(run.preset, run.devices, run.offload_parameters, budget)
-    return {"longest_length": longest, "estimated_longest_length": estimated, "tries": tries, "report": report}
+    stopped = None
+    try:
+        longest_length(trains, run.length, granularity, limit, max_tries)
+    except TimedOut as error:
+        stopped = str(error)
+        print(f"[train_step] {stopped}: the search ends at the longest L so far", flush=True)
+    longest = max(reports, default=0)
+    report = reports.get(longest)
+    if report is not None and run.estimate:
+        estimate = estimated_memory(run.preset, longest, run.devices, run.offload_parameters, run.accelerator == "cuda")
+        report.update(_estimate_fields(report["device_peak_allocated_bytes"], estimate))
+    return {"longest_length": longest, "stopped": stopped, "tries": tries, "report": report}
 
 
 def table(report: dict[str, Any]) -> list[str]:
@@ -379,7 +413,7 @@ def table(report: dict[str, Any]) -> list[str]:
         ("model", f"{run['preset']} ({report['parameters'] / 1e6:,.1f}M parameters), L = {run['length']:,}, P = {run['devices']}, "
                   f"{report['device']}"),
         ("recipe", f"checkpointing, offload, tiles {run['mlp_tile']}, loss chunks {run['loss_chunk']}, head groups "
-                   f"{run['head_groups']}, micro_q_size {run['micro_q_size']}, parameters on the "
+                   f"{run['head_groups']}, micro_q_size {report['micro_q_size']}, parameters on the "
                    f"{'host' if run['offload_parameters'] else 'device'}"),
         ("step time (median)", f"{report['step_time_s']:.3f} s over {len(report['step_seconds']) - run['warmup']} steps"),
         ("tokens per second", f"{report['tokens_per_s']:,.0f}"),
@@ -416,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=4 * 2**20, help="--search: the longest L tried")
     parser.add_argument("--max-tries", type=int, default=10, help="--search: tries at most")
     parser.add_argument("--try-timeout", type=float, default=1800, help="--search: seconds a try may take")
+    parser.add_argument("--estimate-longest", type=float, default=None, metavar="GB",
+                        help="only the estimator's longest L for a device of this many GB (a CPU computation, no GPU needed)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU, P = 1, tiles of 64 (the suite's run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "train_step.json")
     args = parser.parse_args(argv)
@@ -423,35 +459,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.preset, args.accelerator, args.devices = "tiny", "cpu", 1
         args.length, args.mlp_tile, args.loss_chunk = args.length or 256, args.mlp_tile or 64, args.loss_chunk or 64
     args.length = args.length or 32768
-    if args.accelerator == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device: run with --dry-run (or --accelerator cpu) on a CPU")
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    offload_parameters = args.offload_parameters == "on" or (args.offload_parameters == "auto" and args.preset in HOST_PARAMETER_PRESETS)
+    if args.estimate_longest is not None:
+        budget = int(args.estimate_longest * 1e9)
+        result = {"preset": args.preset, "devices": args.devices, "offload_parameters": offload_parameters, "budget_bytes": budget,
+                  "estimated_longest_length": estimated_longest_length(args.preset, args.devices, offload_parameters, budget)}
+        print(f"the estimator's longest L for {args.preset} at {args.estimate_longest:g} GB: {result['estimated_longest_length']:,}")
+        _write(args.out, result)
+        return result
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --dry-run (or --accelerator cpu) on a CPU")
     estimator = memory_estimator()
     run = Run(
         preset=args.preset, length=args.length, devices=args.devices, accelerator=args.accelerator, steps=args.steps,
         warmup=args.warmup, mlp_tile=args.mlp_tile or estimator.MLP_TILE, loss_chunk=args.loss_chunk or estimator.LOSS_CHUNK,
         head_groups=args.head_groups or PRESETS[args.preset]["num_key_value_heads"],
-        micro_q_size=args.micro_q_size or max(1, min(args.length // args.devices, GATHERED_ROWS // args.devices)),
-        offload_parameters=args.offload_parameters == "on" or (args.offload_parameters == "auto" and args.preset in HOST_PARAMETER_PRESETS),
-        estimate=not args.no_estimate, peak_flops=args.peak_flops,
+        micro_q_size=args.micro_q_size,
+        offload_parameters=offload_parameters, estimate=not args.no_estimate, peak_flops=args.peak_flops,
     )
     try:
         check(run)
     except ValueError as error:
         parser.error(str(error))
+    if args.search and args.granularity % (2 * run.devices):
+        parser.error(f"--granularity {args.granularity} does not split over P = {run.devices} ranks in the zigzag layout: give a "
+                     f"multiple of {2 * run.devices}")
     if args.search:
         result = search(run, args.granularity, args.limit, args.max_tries, args.try_timeout)
-        print(f"longest L that trains: {result['longest_length']:,} (estimator: {result['estimated_longest_length']})", flush=True)
+        print(f"longest L that trains: {result['longest_length']:,}" + (f" ({result['stopped']})" if result["stopped"] else ""), flush=True)
         report = result["report"]
     else:
         result = report = measure(run)
     if report is not None and report["rank"] == 0:
         print("\n".join(table(report)), flush=True)
     if result.get("rank", 0) == 0:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        _write(args.out, result)
     return result
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

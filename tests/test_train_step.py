@@ -66,10 +66,48 @@ def test_search_stops_after_its_tries() -> None:
     assert lengths == [8192, 16384, 32768] and longest == 32768
 
 
+@pytest.mark.parametrize("offload_parameters", [False, True])
+def test_search_keeps_the_longest_tries_report(monkeypatch: pytest.MonkeyPatch, offload_parameters: bool) -> None:
+    """Tries of one step without the estimate, after a warm-up step unless the parameters are in host memory (every
+    step's device peak is then the same); the search's report is the longest successful try's."""
+    seen: list[tuple[int, int, int, bool]] = []
+
+    def fake_try(run: train_step.Run, timeout_s: float) -> dict[str, int] | None:
+        seen.append((run.length, run.warmup, run.steps, run.estimate))
+        return {"length": run.length} if run.length <= 20_000 else None
+
+    monkeypatch.setattr(train_step, "measure_in_a_fresh_process", fake_try)
+    run = train_step.Run("tiny", 4096, 1, "cpu", steps=3, warmup=1, mlp_tile=64, loss_chunk=64, head_groups=2, micro_q_size=None,
+                         offload_parameters=offload_parameters, estimate=False, peak_flops=None)
+    result = train_step.search(run, granularity=4096, limit=2**20, max_tries=10, timeout_s=5)
+    warmup = 0 if offload_parameters else 1
+    assert seen[:4] == [(length, warmup, 1, False) for length in (4096, 8192, 16384, 32768)]
+    assert result["longest_length"] == 16384 and result["report"] == {"length": 16384}
+    assert [(t["length"], t["trains"]) for t in result["tries"]] == [
+        (4096, True), (8192, True), (16384, True), (32768, False), (24576, False), (20480, False)]
+    assert result["stopped"] is None
+
+
+def test_search_ends_at_a_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A try that runs past its time says nothing about memory: the search ends there, with the longest so far and the
+    time-out named."""
+    def fake_try(run: train_step.Run, timeout_s: float) -> dict[str, int]:
+        if run.length > 10_000:
+            raise train_step.TimedOut(f"L = {run.length:,} ran past {timeout_s:.0f} s")
+        return {"length": run.length}
+
+    monkeypatch.setattr(train_step, "measure_in_a_fresh_process", fake_try)
+    run = train_step.Run("tiny", 4096, 1, "cpu", steps=1, warmup=0, mlp_tile=64, loss_chunk=64, head_groups=2, micro_q_size=None,
+                         offload_parameters=True, estimate=False, peak_flops=None)
+    result = train_step.search(run, granularity=4096, limit=2**20, max_tries=10, timeout_s=5)
+    assert result["longest_length"] == 8192 and result["stopped"] == "L = 16,384 ran past 5 s"
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     (["--dry-run", "--length", "255"], "give a multiple of 2, e.g. --length 254"),
     (["--accelerator", "cpu", "--preset", "70b"], "unknown preset '70b': choose one of tiny, 1b, 3b, 8b"),
     (["--dry-run", "--head-groups", "3"], "--head-groups 3 does not divide the 2 key/value heads of tiny"),
+    (["--dry-run", "--search", "--granularity", "255"], "--granularity 255 does not split over P = 1 ranks in the zigzag layout"),
 ])
 def test_bad_input_names_the_fix(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
