@@ -113,20 +113,32 @@ def memory_estimator() -> ModuleType:
     return estimator
 
 
-def _estimator_setup(preset: str, length: int, world_size: int, offload_parameters: bool, on_gpu: bool) -> Any:
+def _estimator_setup(
+    preset: str, length: int, world_size: int, offload_parameters: bool, on_gpu: bool, micro_q_size: int | None = None,
+) -> Any:
     """The estimator's description of this run: the full recipe (host parameters with ``offload_parameters``), bf16
-    mixed precision, the Triton kernels' footprint on a GPU and the fused AdamW's (one parameter at a time)."""
+    mixed precision, the Triton kernels' footprint on a GPU and the fused AdamW's (one parameter at a time). The
+    estimator's full recipe has its own tiles, loss chunks and head groups (:func:`estimate_assumes`)."""
     estimator = memory_estimator()
     name = f"train-step-{preset}"
     estimator.MODELS[name] = lambda full_length: llama_config(preset, full_length)
     return estimator.Setup(name, "mqsp", length, world_size, "bf16-mixed", recipe="host_parameters" if offload_parameters else "full",
-                           attention_backend="triton" if on_gpu else "cpu_flash", optimizer_foreach=not on_gpu)
+                           attention_backend="triton" if on_gpu else "cpu_flash", optimizer_foreach=not on_gpu,
+                           micro_q_size=micro_q_size)
 
 
-def estimated_memory(preset: str, length: int, world_size: int, offload_parameters: bool, on_gpu: bool) -> tuple[int, int]:
+def estimate_assumes(preset: str) -> dict[str, int]:
+    """The sizes the estimator's full recipe runs with: a run with others is estimated as if it had these."""
+    estimator = memory_estimator()
+    return {"mlp_tile": estimator.MLP_TILE, "loss_chunk": estimator.LOSS_CHUNK, "head_groups": PRESETS[preset]["num_key_value_heads"]}
+
+
+def estimated_memory(
+    preset: str, length: int, world_size: int, offload_parameters: bool, on_gpu: bool, micro_q_size: int | None = None,
+) -> tuple[int, int]:
     """(device, host) peak bytes a rank of this run needs, by the estimator: fake runs, extrapolated to full depth."""
     estimator = memory_estimator()
-    setup = _estimator_setup(preset, length, world_size, offload_parameters, on_gpu)
+    setup = _estimator_setup(preset, length, world_size, offload_parameters, on_gpu, micro_q_size)
     return estimator.extrapolated_memory(setup, estimator.RECIPE_PROBE_LAYERS)
 
 
@@ -244,7 +256,9 @@ def measure(run: Run) -> dict[str, Any]:
     check(run)
     on_gpu = run.accelerator == "cuda"
     config = llama_config(run.preset, run.length)
-    estimate = estimated_memory(run.preset, run.length, run.devices, run.offload_parameters, on_gpu) if run.estimate else None
+    estimate = None
+    if run.estimate:
+        estimate = estimated_memory(run.preset, run.length, run.devices, run.offload_parameters, on_gpu, run.micro_q_rows)
     strategy = MQSPFSDPStrategy(
         sequence_parallel_size=run.devices, micro_q_size=run.micro_q_rows, attention_backend="triton" if on_gpu else "auto",
         activation_checkpointing=True, offload_activations=True, mlp_tile_size=run.mlp_tile, attention_head_groups=run.head_groups,
@@ -275,7 +289,7 @@ def _report(
     flops = model_flops_per_step(config, run.length)
     peak = run.peak_flops if run.peak_flops is not None else peak_flops(device_name)
     allocated = torch.cuda.max_memory_allocated(device) if on_gpu else None
-    pinned = torch.cuda.host_memory_stats()["allocated_bytes.peak"] if on_gpu else 0
+    pinned = torch.cuda.host_memory_stats().get("allocated_bytes.peak") if on_gpu else 0
     return {
         "date": datetime.date.today().isoformat(), "device": device_name, "rank": rank,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__},
@@ -286,14 +300,17 @@ def _report(
         "model_flops_per_step": flops, "peak_flops": peak, "mfu": None if peak is None else flops / step_time / (peak * run.devices),
         "device_peak_allocated_bytes": allocated,
         "device_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if on_gpu else None,
-        **_estimate_fields(allocated, estimate),
+        **_estimate_fields(run, allocated, estimate),
         "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux counts KiB
         "host_pinned_peak_bytes": pinned,
     }
 
 
-def _estimate_fields(allocated: int | None, estimate: tuple[int, int] | None) -> dict[str, Any]:
+def _estimate_fields(run: Run, allocated: int | None, estimate: tuple[int, int] | None) -> dict[str, Any]:
+    assumed = estimate_assumes(run.preset)
     return {
+        # The sizes where the run differs from what the estimator assumes (empty: the estimate is of this very run).
+        "estimate_differs": {name: value for name, value in assumed.items() if dataclasses.asdict(run)[name] != value},
         "estimate_device_bytes": None if estimate is None else estimate[0],
         "estimate_host_bytes": None if estimate is None else estimate[1],
         "measured_over_estimate": None if estimate is None or allocated is None else allocated / estimate[0],
@@ -393,8 +410,10 @@ def search(run: Run, granularity: int, limit: int, max_tries: int, timeout_s: fl
     longest = max(reports, default=0)
     report = reports.get(longest)
     if report is not None and run.estimate:
-        estimate = estimated_memory(run.preset, longest, run.devices, run.offload_parameters, run.accelerator == "cuda")
-        report.update(_estimate_fields(report["device_peak_allocated_bytes"], estimate))
+        longest_run = dataclasses.replace(run, length=longest)
+        estimate = estimated_memory(run.preset, longest, run.devices, run.offload_parameters, run.accelerator == "cuda",
+                                    longest_run.micro_q_rows)
+        report.update(_estimate_fields(longest_run, report["device_peak_allocated_bytes"], estimate))
     return {"longest_length": longest, "stopped": stopped, "tries": tries, "report": report}
 
 
@@ -421,7 +440,8 @@ def table(report: dict[str, Any]) -> list[str]:
         ("MFU", number(report["mfu"] and 100 * report["mfu"], ".1f") + (" %" if report["mfu"] is not None else "")),
         ("device peak allocated", size(report["device_peak_allocated_bytes"])),
         ("device peak reserved", size(report["device_peak_reserved_bytes"])),
-        ("estimate (device, host)", f"{size(report['estimate_device_bytes'])}, {size(report['estimate_host_bytes'])}"),
+        ("estimate (device, host)", f"{size(report['estimate_device_bytes'])}, {size(report['estimate_host_bytes'])}"
+                                    + (f", as if {report['estimate_differs']}" if report["estimate_differs"] else "")),
         ("measured / estimate", number(report["measured_over_estimate"], ".3f")),
         ("host RSS peak, pinned peak", f"{size(report['host_rss_peak_bytes'])}, {size(report['host_pinned_peak_bytes'])}"),
     ]

@@ -48,6 +48,7 @@ def test_dry_run_trains_and_reports(tmp_path: Path) -> None:
     assert written["mfu"] == pytest.approx(TINY_FLOPS / step_time / 1e12)
     assert written["device_peak_allocated_bytes"] is None and written["measured_over_estimate"] is None  # no device
     assert written["estimate_device_bytes"] > 0 and written["estimate_host_bytes"] > 0
+    assert written["estimate_differs"] == {"mlp_tile": 4096, "loss_chunk": 4096}  # the dry run's tiles of 64
     assert written["host_rss_peak_bytes"] > 0 and written["host_pinned_peak_bytes"] == 0
     assert not dist.is_initialized()
 
