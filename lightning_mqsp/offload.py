@@ -83,8 +83,9 @@ class CopyEngine:
             stream.wait_event(after)
         with torch.cuda.stream(stream):
             copy = x.to(device, non_blocking=True)
-        # Made on the copy stream, used on the compute stream: its memory is not reused until the compute stream is
-        # done with it.
+        # Made on the copy stream (allocated on the compute stream, the copy would have to wait for every kernel
+        # queued there, and a prefetch would hide nothing), used on the compute stream: its memory is not reused
+        # until the compute stream is done with it. It returns to the copy stream's pool of the caching allocator.
         copy.record_stream(torch.cuda.current_stream(device))
         return copy, _recorded_event(stream)
 
