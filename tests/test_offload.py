@@ -25,33 +25,50 @@ from lightning_mqsp import mqsp_attention, offload
 class _LateCopy:
     """A copy in flight: its bytes land at the first wait."""
 
-    def __init__(self, host: Tensor, source: Tensor) -> None:
-        self.host, self.source = host, source.detach().clone()
+    def __init__(self, copy: Tensor, source: Tensor) -> None:
+        self.copy, self.source = copy, source.detach().clone()
 
     def land(self) -> None:
         if self.source is not None:
-            self.host.copy_(self.source)
+            self.copy.copy_(self.source)
             self.source = None
 
 
+def _storage(x: Tensor) -> int:
+    return x.untyped_storage().data_ptr()
+
+
 class LateCopyEngine(offload.CopyEngine):
-    """Every tensor is copied (the CPU stands in for the device); a copy reads NaN until a wait lands it."""
+    """Every floating-point tensor is copied (the CPU stands in for the device): a copy to the host and a copy back
+    read NaN until a wait lands them. A copy back reads its source when it starts, after the event it is given (as
+    the copy stream waits for it): without that event, it reads a copy to the host that has not landed."""
 
     def __init__(self) -> None:
-        self.started = 0
-        self.copies: set[int] = set()  # ids of the tensors in "host memory" (a CPU tensor on a GPU)
+        super().__init__()
+        self.started = self.brought = self.host_waits = 0
+        self.copies: set[int] = set()  # storages of the tensors in "host memory" (a CPU tensor on a GPU)
+        self.log: list[str] = []  # "bring" at each copy back started (the test of the prefetch adds its own marks)
 
     def needs_copy(self, x: Tensor) -> bool:
-        return x.is_floating_point() and id(x) not in self.copies
+        return x.is_floating_point() and _storage(x) not in self.copies
 
     def start(self, x: Tensor) -> tuple[Tensor, Any]:
         self.started += 1
         host = torch.full_like(x, float("nan"))
-        self.copies.add(id(host))
-        weakref.finalize(host, self.copies.discard, id(host))
+        self.copies.add(_storage(host))
+        weakref.finalize(host, self.copies.discard, _storage(host))
         return host, _LateCopy(host, x)
 
+    def bring(self, x: Tensor, device: torch.device, after: Any) -> tuple[Tensor, Any]:
+        self.brought += 1
+        self.log.append("bring")
+        if after is not None:  # the copy stream's wait for the copy to the host
+            after.land()
+        copy = torch.full_like(x, float("nan"))
+        return copy, _LateCopy(copy, x)
+
     def wait_on_host(self, event: Any) -> None:
+        self.host_waits += 1
         event.land()
 
     def wait_on_device(self, event: Any, device: torch.device) -> None:
@@ -143,16 +160,52 @@ def test_the_double_sees_a_read_before_the_copy_lands() -> None:
 
 
 def test_to_device_orders_reads_on_the_device_and_on_the_host() -> None:
-    """Contiguous rows wait on the device's stream; strided rows and host reads wait on the host; a tensor that is
-    not a pending copy is moved as it is."""
-    with late_copies():
-        source = torch.arange(24.0).view(1, 2, 3, 4)
+    """Rows stored densely (the sequence-major query's) come back on the copy stream after the copy to the host, and
+    the reader waits for them on the device, not on the host; a head group's strided rows go through a staging copy,
+    a host read that waits on the host first; a tensor with no copy in flight is moved as it is."""
+    cpu = torch.device("cpu")
+    with late_copies() as engine:
+        source = torch.arange(24.0).view(1, 3, 2, 4).transpose(1, 2)  # [batch, heads, rows, dim], sequence-major
         copy = offload.to_host(source)
         assert torch.isnan(copy).all()  # in flight
-        rows = offload.to_device(copy[:, :, 1:], torch.device("cpu"))
+        rows = offload.to_device(copy[:, :, 1:], cpu)
         torch.testing.assert_close(rows, source[:, :, 1:])
+        assert (engine.brought, engine.host_waits) == (1, 0)
+        head_rows = offload.to_device(copy[:, :1, 1:], cpu)
+        torch.testing.assert_close(head_rows, source[:, :1, 1:])
+        assert (engine.brought, engine.host_waits) == (2, 1)
         plain = torch.ones(3)
-        assert offload.to_device(plain, torch.device("cpu")) is plain
+        assert offload.to_device(plain, cpu) is plain
         later = offload.to_host(source * 2)
         offload.wait_on_host(later)
         torch.testing.assert_close(later, source * 2)
+
+
+def test_backward_brings_the_next_layers_input_back_while_this_layer_runs() -> None:
+    """Under activation checkpointing forward saves each layer's input; backward recomputes the layers last to first.
+    Unpacking a layer's input starts the copy back of the one before it, so it is on its way while this layer is
+    recomputed and differentiated: the gradients are exact, and every copy back but the first starts a layer early."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+    x = torch.randn(4, 8)
+
+    def gradients(offloaded: bool) -> list[Tensor]:
+        inputs = x.clone().requires_grad_()
+        with offload.offloaded_saved_tensors() if offloaded else nullcontext():
+            y = inputs * 1
+            for layer in layers:
+                y = checkpoint(lambda t, layer=layer: layer(t).tanh(), y, use_reentrant=False)
+        y.square().sum().backward()
+        grads = [inputs.grad, *(p.grad.clone() for layer in layers for p in layer.parameters())]
+        for layer in layers:
+            layer.zero_grad()
+        return grads
+
+    expected = gradients(offloaded=False)
+    with late_copies() as engine:
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda module, args, i=i: engine.log.append(f"layer {i}"))
+        actual = gradients(offloaded=True)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+    forward = ["layer 0", "layer 1", "layer 2"]
+    assert engine.log == [*forward, "bring", "bring", "layer 2", "bring", "layer 1", "layer 0"]
