@@ -564,6 +564,7 @@ def analytic_communication(setup: Setup, itemsize: int) -> dict[str, int]:
         return lightning_mqsp.attention.communication_bytes(
             batch=setup.batch, heads=heads, kv_heads=heads, local_length=setup.local_length, head_dim=head_dim,
             world_size=setup.world_size, dtype=dtype, include_check=True,  # each estimate runs on a new fake group
+            aligned_rows=False,  # the CPU backends' rows: the estimate runs them
         )
     shape = Shape(setup.batch, heads, setup.length, head_dim, setup.world_size, itemsize=itemsize)
     return METHODS[setup.method].communication_bytes(shape)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_mqsp import comm, merge, offload
-from lightning_mqsp.backends import LocalAttentionBackend, accumulation_dtype, resolve_backend
+from lightning_mqsp.backends import LocalAttentionBackend, accumulation_dtype, joined_rows, resolve_backend
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.dropout import draw_seed
 from lightning_mqsp.layout import Layout, Run, position_runs, run_positions, slice_runs
@@ -84,23 +84,24 @@ def communication_bytes(
     *, batch: int, heads: int, kv_heads: int, local_length: int, head_dim: int, world_size: int,
     dtype: torch.dtype, backward: bool = True, include_check: bool = False, causal: bool = False,
     window: tuple[int | None, int | None] | None = None, layout: Layout = "contiguous", micro_q_size: int | None = None,
-    rank: int = 0, head_groups: int = 1,
+    rank: int = 0, head_groups: int = 1, aligned_rows: bool = True,
 ) -> dict[str, int]:
     """Bytes rank ``rank`` sends in one call (forward, plus backward if asked), per collective.
 
     Per micro-step of c rows a rank: its queries, c x H x D in the input dtype, go to every other rank whose keys
     see some of them (``docs/design.md``, "Sparse exchange"), and it returns the partial outputs with their two row
     statistics, c x H x (D+2) in float32, to every other rank whose rows its keys saw. Backward: the queries and
-    output gradients (2D, input dtype) with three float32 row statistics (the row padded to 16 elements,
-    ``backward_row_width``) go the same way as the queries, the partial query gradients (D, float32) the same way as
-    the outputs. Without a mask every rank sees every row: (P-1)/P x L x H x (D + D+2) forward. A step whose rows
-    every rank sees (all of them without a mask) all-gathers its queries (on gloo the forward sends them by
-    ``comm.exchange``: the same bytes, counted as an all-gather) and reduce-scatters its query gradients; every
-    other transfer is an all-to-all (``comm.exchange``). Independent of the key/value heads: keys and values never
-    travel. ``include_check`` adds the check of a new signature (the first call of its kind on a group): one row of
-    int64s. Not counted: document ids and a dropout seed, when those are used. Under a causal mask or a window the
-    ranks send different amounts. With ``head_groups`` the backward's steps take that many times the rows for as
-    many times fewer heads: the same bytes, unless wider steps change which ranks see a step's rows.
+    output gradients (2D, input dtype) with three float32 row statistics (with ``aligned_rows``, as the Triton
+    backend sends them, the row padded to 16 elements: ``backward_row_width``) go the same way as the queries, the
+    partial query gradients (D, float32) the same way as the outputs. Without a mask every rank sees every row:
+    (P-1)/P x L x H x (D + D+2) forward. A step whose rows every rank sees (all of them without a mask) all-gathers
+    its queries (on gloo the forward sends them by ``comm.exchange``: the same bytes, counted as an all-gather) and
+    reduce-scatters its query gradients; every other transfer is an all-to-all (``comm.exchange``). Independent of
+    the key/value heads: keys and values never travel. ``include_check`` adds the check of a new signature (the
+    first call of its kind on a group): one row of int64s. Not counted: document ids and a dropout seed, when those
+    are used. Under a causal mask or a window the ranks send different amounts. With ``head_groups`` the backward's
+    steps take that many times the rows for as many times fewer heads: the same bytes, unless wider steps change
+    which ranks see a step's rows.
     """
     if world_size == 1:
         return {}
@@ -118,7 +119,7 @@ def communication_bytes(
     for route, rows in routes(step):
         sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * head_dim * itemsize
         sent["all_to_all"] += (len(route.sources) - 1) * rows * (head_dim + 2) * accumulator
-    gathered_row = backward_row_width(head_dim, dtype) * itemsize  # queries, output gradients, row statistics
+    gathered_row = backward_row_width(head_dim, dtype, aligned_rows) * itemsize  # queries, output gradients, statistics
     for route, rows in routes(min(local_length, step * head_groups)) if backward else ():
         sent["all_gather" if route.dense else "all_to_all"] += (len(route.destinations) - 1) * rows * gathered_row
         sent["reduce_scatter" if route.dense else "all_to_all"] += (len(route.sources) - 1) * rows * head_dim * accumulator
@@ -127,12 +128,13 @@ def communication_bytes(
     return {name: n for name, n in sent.items() if n}
 
 
-def backward_row_width(head_dim: int, dtype: torch.dtype) -> int:
+def backward_row_width(head_dim: int, dtype: torch.dtype, aligned: bool = True) -> int:
     """Elements of ``dtype`` in a row that a backward micro-step gathers: the query, its output gradient and three
-    float32 statistics (row_max, row_log_sum, delta), padded to a multiple of 16 elements, so that every row the
-    kernels read where it arrived starts 16-element aligned (their loads of Q and dO vectorise)."""
-    statistics = -(-3 * accumulation_dtype(dtype).itemsize // dtype.itemsize)
-    return -(-(2 * head_dim + statistics) // 16) * 16
+    float32 statistics (row_max, row_log_sum, delta); ``aligned`` (for backends that read the rows where they
+    arrive: Triton) padded to a multiple of 16 elements, so that every row starts 16-element aligned (the kernels'
+    loads of Q and dO vectorise)."""
+    width = 2 * head_dim + -(-3 * accumulation_dtype(dtype).itemsize // dtype.itemsize)
+    return -(-width // 16) * 16 if aligned else width
 
 
 @dataclass(frozen=True)
@@ -269,26 +271,58 @@ def _of_ranks(x: Tensor, ranks: tuple[int, ...]) -> Tensor:
     return x[list(ranks)]
 
 
-def _share_rows(rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = True) -> Callable[[], Tensor]:
+def _share_rows(
+    rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = True, one_buffer: bool = True,
+) -> Callable[[], Tensor | list[Tensor]]:
     """Send this rank's rows of a micro-step [B, H, c, X] to the ranks whose keys see them. The call returned waits
     for the rows of ``route.sources`` and returns them where they arrived, [n, B, H, c, X] (source order), with no
     copy joining them. Dense steps all-gather (unless ``all_gather_dense`` is false: then they exchange a copy with
     every other rank, as the sparse steps do); the others exchange only between ranks that see something. Rows go
     in the order they are stored: sequence-major queries ([B, c, H, X] in memory, as a Hugging Face layer makes
-    them) travel without a copy into head-major order."""
+    them) travel without a copy into head-major order. Without ``one_buffer`` (for a caller that joins the rows by
+    a copy anyway) an exchange returns a list, one [B, H, c, X] per source, whose own rows are ``rows`` themselves:
+    no slot is made for them."""
     sequence_major = not rows.is_contiguous() and rows.transpose(1, 2).is_contiguous()
     stored = rows.transpose(1, 2) if sequence_major else rows
+    buffer: Tensor | None = None
     if route.dense and all_gather_dense:
         pending = comm.all_gather(stored, plan.group, what)
+    elif one_buffer:
+        pending, buffer = _exchange_rows(stored, route, plan, what)
     else:
-        pending = comm.exchange(stored.unsqueeze(0).expand(len(route.destinations), *stored.shape), route.destinations,
-                                route.sources, plan.group, what, counted_as="all_gather" if route.dense else "all_to_all")
+        to, received_from = (tuple(r for r in ranks if r != plan.rank) for ranks in (route.destinations, route.sources))
+        pending = comm.exchange(stored.unsqueeze(0).expand(len(to), *stored.shape), to, received_from, plan.group, what,
+                                counted_as="all_gather" if route.dense else "all_to_all")
 
-    def arrive() -> Tensor:
+    def arrive() -> Tensor | list[Tensor]:
         received = pending.wait()
-        return received.transpose(2, 3) if sequence_major else received
+        if not one_buffer and not (route.dense and all_gather_dense):
+            others = iter(received.transpose(2, 3) if sequence_major else received)
+            return [rows if source == plan.rank else next(others) for source in route.sources]
+        arrived = received if buffer is None else buffer
+        return arrived.transpose(2, 3) if sequence_major else arrived
 
     return arrive
+
+
+def _exchange_rows(stored: Tensor, route: _Route, plan: _Plan, what: str) -> tuple[comm.Pending, Tensor | None]:
+    """The exchange of a micro-step's rows, and the [n, ...] buffer the rows of ``route.sources`` arrive in (None: the
+    exchange's own result). A rank sends its rows to the others only, and its own go into their slot by a copy:
+    sending them to itself too took a copy in the send buffer and one in the receive buffer (10% of the backward's
+    peak at P = 2, causal). Where its own slot is the first or the last (every causal route), the others' rows
+    arrive around it in one piece; otherwise (the middle ranks of a window) its own rows go through the exchange."""
+    own = route.sources.index(plan.rank)
+    counted_as = "all_gather" if route.dense else "all_to_all"
+    if own not in (0, len(route.sources) - 1):
+        copies = stored.unsqueeze(0).expand(len(route.destinations), *stored.shape)
+        return comm.exchange(copies, route.destinations, route.sources, plan.group, what, counted_as), None
+    to = tuple(r for r in route.destinations if r != plan.rank)
+    buffer = stored.new_empty((len(route.sources), *stored.shape))
+    others = buffer[1:] if own == 0 else buffer[:-1]
+    pending = comm.exchange(stored.unsqueeze(0).expand(len(to), *stored.shape), to,
+                            tuple(s for s in route.sources if s != plan.rank), plan.group, what, counted_as, out=others)
+    buffer[own].copy_(stored)
+    return pending, buffer
 
 
 def _return_to_sources(parts: Tensor, route: _Route, plan: _Plan, what: str) -> comm.Pending:
@@ -577,7 +611,7 @@ class _MQSPAttention(torch.autograd.Function):
         steps = _MQSPAttention._steps(plan, plan.backward_rows)
         routes = [plan.route(start, stop) for start, stop in steps]
         delta = _row_dots(grad_out, out, dtype, plan.head_groups)  # once for the shard, not a few ops every step
-        row_width = backward_row_width(d, query.dtype)
+        row_width = backward_row_width(d, query.dtype, plan.backend.reads_rows_in_place)
 
         def gather(j: int) -> Callable[[], Tensor]:
             rows = slice(*steps[j])
@@ -592,18 +626,27 @@ class _MQSPAttention(torch.autograd.Function):
             columns = 2 * d + sum(t.size(-1) for t in stats)  # the rest pads the row and is never read
             torch.cat([step_query, grad_out[:, :, rows].to(query.dtype), *stats], dim=-1, out=step_rows[..., :columns])
             what = "mqsp_attention: the backward gather of queries, output gradients, row statistics"
-            return _share_rows(step_rows, routes[j], plan, what)
+            return _share_rows(step_rows, routes[j], plan, what, one_buffer=plan.backend.reads_rows_in_place)
 
-        def unpack(arrive: Callable[[], Tensor]) -> tuple[Tensor, ...]:
-            rows = arrive()  # [n, B, H, c, W] (2D + statistics + padding), read where it arrived
-            stats = rows[..., 2 * d :].view(dtype)
-            return rows[..., :d], rows[..., d : 2 * d], stats[..., 0], stats[..., 1], stats[..., 2]
+        def unpack(arrive: Callable[[], Tensor | list[Tensor]]) -> tuple[Tensor, ...]:
+            rows = arrive()  # [n, B, H, c, W] (2D + statistics [+ padding]), or a list of [B, H, c, W]
+            if isinstance(rows, Tensor) and plan.backend.reads_rows_in_place:
+                stats = rows[..., 2 * d :].view(dtype)
+                return rows[..., :d], rows[..., d : 2 * d], stats[..., 0], stats[..., 1], stats[..., 2]
+            # Joined by copies, so that the received rows go before the step computes: kept for views of the queries
+            # and statistics beside the sequence-major copy of the output gradients that aten's CPU kernel needs, they
+            # raised the backward's peak 6% at P = 2. One copy each.
+            stats = joined_rows(rows, slice(2 * d, None), copy=True).view(dtype)
+            return (joined_rows(rows, slice(0, d), copy=True), joined_rows(rows, slice(d, 2 * d), sequence_major=True),
+                    stats[..., 0], stats[..., 1], stats[..., 2])
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             (start, stop), sources = steps[j], routes[j].sources
             step_query, step_grad_out, *step_stats = inputs
             part_grad_query = plan.backend.backward(step_query, key, value, step_grad_out, *step_stats,
                                                     masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value)
+            if part_grad_query.dim() == 4:  # of joined rows: [B, H, n*c, D] -> [n, B, H, c, D] (a view)
+                part_grad_query = part_grad_query.unflatten(2, (len(sources), stop - start)).movedim(2, 0)
             # [n, B, c, H, D]: the layout the backends store dQ in, sent as it is (a copy only if a backend did not).
             parts = part_grad_query.transpose(2, 3)
             what = "mqsp_attention: the return of partial query gradients"

@@ -176,10 +176,17 @@ class Pending:
         self._what = what
         self._group = group
         self._device: torch.device | None = None  # where the result goes when it was computed on host copies
+        self._into: Tensor | None = None  # the caller's tensor the staged result is copied into
 
     def to(self, device: torch.device) -> Pending:
         """Hand the result over on ``device`` (a collective staged through host memory, :func:`_staged_on_host`)."""
         self._device = device
+        return self
+
+    def into(self, out: Tensor) -> Pending:
+        """Hand the result over in ``out`` (a collective staged through host memory into a device tensor the caller
+        made)."""
+        self._into = out
         return self
 
     def wait(self) -> Tensor:
@@ -194,6 +201,8 @@ class Pending:
         result, self._result = self._result, None
         if result is None:
             raise RuntimeError("Pending.wait() was already called: the result was handed over then.")
+        if self._into is not None:
+            return self._into.copy_(result)
         return result if self._device is None else result.to(self._device, non_blocking=True)
 
 
@@ -265,23 +274,28 @@ def all_to_all(x: Tensor, group: ProcessGroup | None, what: str = "all-to-all") 
 
 
 def exchange(x: Tensor, send_to: tuple[int, ...], receive_from: tuple[int, ...], group: ProcessGroup | None,
-             what: str = "exchange", counted_as: str = "all_to_all") -> Pending:
+             what: str = "exchange", counted_as: str = "all_to_all", out: Tensor | None = None) -> Pending:
     """An all-to-all in which some pairs of ranks exchange nothing: slice i of ``x`` [len(send_to), ...] goes to
     group rank ``send_to[i]``; returns [len(receive_from), ...], slice i from group rank ``receive_from[i]``.
 
     Both ascending; every rank calls it, and rank a lists b in ``send_to`` exactly when b lists a in
     ``receive_from`` (callers derive both from host-known facts all ranks share). A pair that exchanges
     nothing costs nothing. With every rank in both lists this is :func:`all_to_all`. Counted under ``counted_as``
-    (an all-gather made of copies for every rank counts as one)."""
+    (an all-gather made of copies for every rank counts as one). ``out``: where to receive (contiguous,
+    [len(receive_from), ...]), else a new tensor."""
     _raise_if_a_peer_failed(what, group)
     if _staged_on_host(x, group):
-        return exchange(x.cpu(), send_to, receive_from, group, what, counted_as).to(x.device)
+        staged = exchange(x.cpu(), send_to, receive_from, group, what, counted_as)
+        return staged.into(out) if out is not None else staged.to(x.device)
     size = group_size(group)
     if size == 1:
         return Pending(x, None)
     rank = dist.get_rank(group)
     x = x.contiguous()
-    out = x.new_empty((len(receive_from), *x.shape[1:]))
+    if out is None:
+        out = x.new_empty((len(receive_from), *x.shape[1:]))
+    elif out.shape != (len(receive_from), *x.shape[1:]) or not out.is_contiguous():
+        raise ValueError(f"exchange: out must be a contiguous {(len(receive_from), *x.shape[1:])} tensor, got {tuple(out.shape)}")
     record_bytes_sent(counted_as, sum(r != rank for r in send_to) * x[0].numel() * x.element_size() if len(x) else 0)
     sends, receives = set(send_to), set(receive_from)
     send_counts = [int(r in sends) for r in range(size)]

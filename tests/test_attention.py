@@ -260,7 +260,7 @@ def count_bytes(case: Case, backward: bool) -> tuple[dict[str, int], dict[str, i
     expected = [communication_bytes(
         batch=case.batch, heads=case.heads, kv_heads=case.kv_heads, local_length=q.size(2), head_dim=case.head_dim,
         world_size=world_size, dtype=case.dtype, backward=backward, include_check=check, causal=case.causal, layout=case.layout,
-        micro_q_size=case.micro_q_size, rank=rank, head_groups=case.head_groups,
+        micro_q_size=case.micro_q_size, rank=rank, head_groups=case.head_groups, aligned_rows=False,  # cpu_flash
     ) for check in (True, False)]
     return counts[0], counts[1], *expected
 
@@ -278,10 +278,9 @@ def test_counted_bytes_match_the_analytic_formula(workers, world_size: int, back
         # and its keys see the rows of ranks r..P-1; nothing travels between the other pairs. Forward sends
         # its l local queries (fp32, D=16) to each rank that sees them and returns partial outputs plus two
         # statistics (D+2 floats) to each rank it saw; backward re-sends queries and output gradients (2D)
-        # with three statistics the same way, a row of 35 floats padded to 48 (16-element aligned), and returns
-        # the partial dQ (D).
+        # with three statistics the same way (cpu_flash's rows are not padded), and returns the partial dQ (D).
         rows = 1 * 4 * (64 // world_size)
-        sent_rows, returned_rows = (16, 18) if not backward else (16 + 48, 18 + 16)
+        sent_rows, returned_rows = (16, 18) if not backward else (16 + 32 + 3, 18 + 16)
         assert expected == {"all_to_all": rows * 4 * (rank * sent_rows + (world_size - 1 - rank) * returned_rows)}
 
 
@@ -291,8 +290,7 @@ def test_counted_bytes_without_a_mask_are_the_dense_formula(workers) -> None:
     case = Case(4, micro_q_size=7, causal=False, batch=1, heads=4, head_dim=16)
     rows = 3 * 4 * 16
     for _, repeated, _, expected in workers(4).run(count_bytes, case, True):
-        # forward: q; backward: q, dO and 3 statistics, 35 floats padded to 48
-        dense = {"all_gather": rows * (16 + 48) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
+        dense = {"all_gather": rows * (16 + 32 + 3) * 4, "all_to_all": rows * 18 * 4, "reduce_scatter": rows * 16 * 4}
         assert repeated == expected == dense
 
 
@@ -307,7 +305,7 @@ def test_counted_bytes_with_head_groups_match_the_formula(workers, causal: bool)
         assert repeated == expected and first == expected_first
         if not causal:
             assert expected == communication_bytes(batch=1, heads=4, kv_heads=2, local_length=16, head_dim=16, world_size=4,
-                                                   dtype=torch.float32, micro_q_size=3, rank=rank)
+                                                   dtype=torch.float32, micro_q_size=3, rank=rank, aligned_rows=False)
 
 
 def all_gathers_by_pass() -> tuple[int, int]:

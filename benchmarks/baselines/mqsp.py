@@ -35,7 +35,7 @@ def communication_bytes(shape: Shape, causal_layout: Layout = "zigzag", rank: in
     return mqsp_communication_bytes(
         batch=shape.batch, heads=shape.heads, kv_heads=shape.heads, local_length=shape.local_length,
         head_dim=shape.head_dim, world_size=shape.world_size, dtype=torch.float32, causal=shape.causal,
-        layout=causal_layout if shape.causal else "contiguous", rank=rank,
+        layout=causal_layout if shape.causal else "contiguous", rank=rank, aligned_rows=False,  # cpu_flash's rows
     )
 
 

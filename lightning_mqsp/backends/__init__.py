@@ -44,6 +44,9 @@ from lightning_mqsp.visibility import Visibility
 
 class LocalAttentionBackend(Protocol):
     name: str
+    #: Whether the kernels read gathered rows where they arrived ([n, B, H, c, X] segments, rows padded for aligned
+    #: loads); else the caller joins them into one matrix first and lets the received buffer go.
+    reads_rows_in_place: bool
 
     def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         """None when the backend can run these inputs, else the reason it cannot."""
@@ -115,22 +118,28 @@ def reduce_kv_heads(grad: Tensor, num_kv_heads: int) -> Tensor:
     return grad if groups == 1 else grad.view(batch, num_kv_heads, groups, n, d).sum(dim=2)
 
 
-def joined_rows(x: Tensor, sequence_major: bool = False) -> Tensor:
-    """[n, B, H, c, X] -> [B, H, n*c, X], for the backends whose kernels take one matrix of rows; 4-D x as it is.
-    A view where the segments' rows follow each other in memory (rows that travelled sequence-major, B = 1: the
-    backward's, and a Hugging Face layer's queries), else one copy, stored as [B, n*c, H, X] with
-    ``sequence_major`` (the layout aten's CPU flash backward needs its output gradient in: it copies any other)."""
-    if x.dim() == 4:
-        return x
-    n, b, h, c, width = x.shape
-    if n == 1 or (b == 1 and x.stride(0) == c * x.stride(3)):
-        joined = x.movedim(0, 2).flatten(2, 3)  # a view
-        if not sequence_major or joined.transpose(1, 2).is_contiguous():
-            return joined
+def joined_rows(x: Tensor | list[Tensor], columns: slice = slice(None), sequence_major: bool = False,
+                copy: bool = False) -> Tensor:
+    """Columns ``columns`` of the rows [n, B, H, c, X] (or a list of n [B, H, c, X]) as one [B, H, n*c, X'], for the
+    backends whose kernels take one matrix of rows; 4-D x as it is. A view where the segments' rows follow each
+    other in memory (rows that travelled sequence-major, B = 1: a Hugging Face layer's queries) unless ``copy``,
+    else one copy, stored as [B, n*c, H, X'] with ``sequence_major`` (the layout aten's CPU flash backward needs its
+    output gradient in: it copies any other)."""
+    if isinstance(x, Tensor) and x.dim() == 4:
+        return x[..., columns]
+    parts = [part[..., columns] for part in (x.unbind(0) if isinstance(x, Tensor) else x)]
+    if isinstance(x, Tensor) and not copy:
+        x = x[..., columns]
+        n, b, h, c, _ = x.shape
+        if n == 1 or (b == 1 and x.stride(0) == c * x.stride(3)):
+            joined = x.movedim(0, 2).flatten(2, 3)  # a view
+            if not sequence_major or joined.transpose(1, 2).is_contiguous():
+                return joined
     if not sequence_major:
-        return torch.cat(x.unbind(0), dim=2)
-    joined = x.new_empty((b, n * c, h, width)).transpose(1, 2)
-    return torch.cat(x.unbind(0), dim=2, out=joined)
+        return torch.cat(parts, dim=2)
+    b, h, c, width = parts[0].shape
+    joined = parts[0].new_empty((b, len(parts) * c, h, width)).transpose(1, 2)
+    return torch.cat(parts, dim=2, out=joined)
 
 
 def segments_of(x: Tensor, like: Tensor) -> Tensor:

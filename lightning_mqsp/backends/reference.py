@@ -25,6 +25,7 @@ from lightning_mqsp.visibility import Visibility
 
 class ReferenceBackend:
     name = "reference"
+    reads_rows_in_place = False
 
     def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         return None

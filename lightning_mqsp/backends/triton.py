@@ -83,6 +83,7 @@ def triton_input_error(x: Tensor) -> str | None:
 
 class TritonBackend:
     name = "triton"
+    reads_rows_in_place = True
 
     def supports(self, q: Tensor, visibility: Visibility) -> str | None:
         error = triton_input_error(q)
