@@ -61,7 +61,7 @@ MODELS: dict[str, Callable[[int], PretrainedConfig]] = {
                         head_dim=128, rope_theta=1_000_000.0, tie_word_embeddings=False),
     "mistral-7b": partial(_decoder, config=MistralConfig, positions=32768, vocab_size=32768, hidden_size=4096,
                           intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                          rope_theta=1_000_000.0, tie_word_embeddings=False),
+                          rope_theta=1_000_000.0, tie_word_embeddings=False, sliding_window=None),  # v0.3: full attention
 }
 #: The published names of the built-in shapes the estimator knows by a short name.
 MODELS["llama-3.1-8b"] = MODELS["llama-8b"]
