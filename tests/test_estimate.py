@@ -124,12 +124,14 @@ def test_recipe_estimates_match_real_two_rank_steps(workers, recipe: str, precis
 def test_parameters_in_host_memory_leave_the_device(world_size: int) -> None:
     """The host_parameters recipe against the full recipe, the same step: the float32 parameter shards and AdamW's two
     moments, there all the time, leave the device's peak (the unsharded bf16 copies a running layer gathers stay), and
-    the host holds them with the gradient shards at the optimizer step."""
+    the host's peak holds them next to the offloaded activations: 12 bytes a parameter over P, not 16, as the gradient
+    shards arrive only as backward frees the activations (a sum of the two peaks, which the estimator took before, would
+    count them on top)."""
     setup = Setup("tiny-llama", "mqsp", length=16384, world_size=world_size, precision="bf16-mixed", recipe="full")
     full, on_host = (_quiet_estimate_memory(replace(setup, recipe=recipe)) for recipe in ("full", "host_parameters"))
     shard_bytes = 4 * sum(p.numel() for p in LlamaForCausalLM(setup.config()).parameters()) // world_size
     assert 3 * shard_bytes <= full.peak_bytes - on_host.peak_bytes <= 4 * shard_bytes
-    assert on_host.host_peak_bytes - full.host_peak_bytes >= 4 * shard_bytes
+    assert 3 * shard_bytes <= on_host.host_peak_bytes - full.host_peak_bytes < 4 * shard_bytes
 
 
 class _CopiesOnHost(estimate._HostMemory):
