@@ -209,7 +209,7 @@ def new_model(config: PretrainedConfig) -> PreTrainedModel:
 def build_model(setup: Setup, group: ProcessGroup | None) -> PreTrainedModel:
     model = new_model(setup.config())
     model.set_attn_implementation(register_attention(setup, group))
-    return model.to(torch.bfloat16) if setup.precision == "bf16-true" else model
+    return model.bfloat16() if setup.precision == "bf16-true" else model
 
 
 def _allocate_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -353,7 +353,7 @@ class _HostMemory:
     @contextmanager
     def installed(self) -> Iterator[None]:
         replaced = lightning_mqsp.offload.to_host, lightning_mqsp.offload.to_device
-        lightning_mqsp.offload.to_host, lightning_mqsp.offload.to_device = self.to_host, self.to_device
+        lightning_mqsp.offload.to_host, lightning_mqsp.offload.to_device = self.to_host, self.to_device  # type: ignore[assignment]
         try:
             yield
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from transformers import (
     BertConfig,
@@ -25,11 +26,11 @@ def _bert(length: int, hidden: int, layers: int, heads: int, vocab: int = 30522)
     )
 
 
-def _decoder(length: int, config: type[PretrainedConfig], positions: int, **shape: object) -> PretrainedConfig:
+def _decoder(length: int, config: Callable[..., PretrainedConfig], positions: int, **shape: Any) -> PretrainedConfig:
     return config(max_position_embeddings=max(length, positions), **shape)
 
 
-_LLAMA3 = dict(vocab_size=128256, rope_theta=500_000.0)
+_LLAMA3: dict[str, Any] = {"vocab_size": 128256, "rope_theta": 500_000.0}
 
 #: Model name -> config at full sequence length L. Attention-probability dropout is off (MQSP's kernels draw none);
 #: hidden dropout stays. The names without a vendor (``llama-8b``, ``tiny-llama``, ...) are the estimator's own

@@ -259,6 +259,11 @@ def longest_point(shape: ModelShape, recipe: str, world_size: int, budget: Budge
 # -- time ---------------------------------------------------------------------------------------------------------------
 
 
+#: mqsp_attention's forward+backward TFLOP/s by "head_dim/causal", from benchmarks/RESULTS.md (one H200, S = 16384,
+#: bf16; the H100 is taken to reach the same); a gpu_check.py JSON replaces them (--kernel-json).
+ATTENTION_TFLOPS = {"64/False": 319.0, "64/True": 281.0, "128/False": 330.0, "128/True": 302.0}
+
+
 @dataclass(frozen=True)
 class Hardware:
     """The machine the plan is for; defaults: H100 SXM nodes of 8 GPUs (ALST's)."""
@@ -278,11 +283,6 @@ class Hardware:
     def budget(self) -> Budget:
         ranks_per_node = min(self.gpus, self.gpus_per_node)
         return Budget(int(self.device_memory_gb * GB), int(self.host_memory_gb_per_node * GB / ranks_per_node))
-
-
-#: mqsp_attention's forward+backward TFLOP/s by "head_dim/causal", from benchmarks/RESULTS.md (one H200, S = 16384,
-#: bf16; the H100 is taken to reach the same); a gpu_check.py JSON replaces them (--kernel-json).
-ATTENTION_TFLOPS = {"64/False": 319.0, "64/True": 281.0, "128/False": 330.0, "128/True": 302.0}
 
 
 def attention_tflops_from_gpu_check(report: dict[str, Any]) -> dict[str, float]:
@@ -546,8 +546,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if (args.write_config or args.verify) and (chosen is None or "device_gb" not in chosen or "note" in chosen):
         parser.error(f"recipe {args.recipe or 'none'} does not fit: nothing to write or verify (see the table)")
     if args.verify:
+        assert chosen is not None
         result["verify"] = {"recipe": chosen["recipe"], "length": chosen["length"], **verify(config, chosen, hardware, args.batch)}
     if args.write_config:
+        assert chosen is not None
         command = "lightning-mqsp plan " + " ".join(sys.argv[1:] if argv is None else argv)
         write_config(args.write_config, shape, chosen, hardware, args.batch, command)
     if args.json:
@@ -563,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{device_bytes(shape, Point(v['recipe'], v['length'], hardware.gpus, args.batch)) / GB:.2f} GB, host "
               f"{host_bytes(shape, Point(v['recipe'], v['length'], hardware.gpus, args.batch)) / GB:.2f} GB")
     if args.write_config:
+        assert chosen is not None
         print(f"\nwrote {args.write_config} ({chosen['recipe']} at {chosen['length']:,} tokens)")
     return result
 
