@@ -392,7 +392,7 @@ def assumptions(shape: ModelShape, hardware: Hardware, batch: int, causal: bool)
         f"budgets per rank: device {budget.device_bytes / GB:.1f} GB of live tensors (kernel workspaces, the CUDA context "
         f"and fragmentation not counted), host {budget.host_bytes / GB:.1f} GB ({hardware.host_memory_gb_per_node:g} GB a "
         f"node over {min(hardware.gpus, hardware.gpus_per_node)} ranks)",
-        "memory: the analytic model of docs/scaling.md (\"The planner\"), within 1.2% of the fake-tensor estimator at the "
+        "memory: the analytic model of docs/scaling.md (\"The planner\"), within 1.3% of the fake-tensor estimator at the "
         "points checked on Llama-3.1-8B's shape near the budgets; less sure elsewhere, listed there (--verify runs it)",
         f"full recipes: checkpoints offloaded for the fewest layers that fit the device, loss chunks and MLP tiles of "
         f"{LOSS_CHUNK} and {MLP_TILE} tokens, attention's backward one key/value head at a time",

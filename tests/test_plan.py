@@ -99,7 +99,7 @@ def test_bad_input_names_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match=r"built-in shapes are .*llama-3\.1-8b.*or give the path"):
         load_config("llama-9000")
     with pytest.raises(SystemExit):
-        plan.main(["--model", "llama-3.1-8b", "--gpus", "8", "--length", "1000"])
+        plan.main(["--model", "llama-3.1-8b", "--gpus", "8", "--length", "1001"])
     assert "must be a positive multiple of --gpus 8" in capsys.readouterr().err
     plan.main(["--model", "llama-3.1-8b", "--gpus", "8", "--length", str(2**30)])
     assert "does not fit at 1,073,741,824: device" in capsys.readouterr().out
