@@ -24,21 +24,19 @@ def shape(name: str) -> ModelShape:
     return ModelShape.of(*load_config(name))
 
 
-@pytest.mark.parametrize("model, recipe, world_size, length, offloaded", [
-    ("llama-8b", "sharded", 8, 65536, None),
-    ("mistral-7b", "ddp", 4, 16384, None),
-    ("qwen3-8b", "checkpointed", 2, 32768, None),
+@pytest.mark.parametrize("model, recipe, world_size, length", [
+    ("llama-8b", "sharded", 8, 65536),
+    ("mistral-7b", "ddp", 4, 16384),
+    ("qwen3-8b", "checkpointed", 2, 32768),
 ])
-def test_the_analytic_memory_matches_the_fake_estimate(model: str, recipe: str, world_size: int, length: int,
-                                                       offloaded: int | None) -> None:
+def test_the_analytic_memory_matches_the_fake_estimate(model: str, recipe: str, world_size: int, length: int) -> None:
     """Full depth extrapolated from fake runs of 3 and 4 layers, as the estimator's own searches do (checked against
     deeper runs in tests/test_estimate.py); the host memory to 0.1% (it is a few tensors' bytes). The full recipes at the
     long lengths the planner answers for take the estimator minutes a point: docs/scaling.md lists those checks."""
     quiet()
-    setup = Setup(model, "mqsp", length, world_size, recipe=recipe, attention_backend="triton", optimizer_foreach=False,
-                  offload_layers=offloaded)
+    setup = Setup(model, "mqsp", length, world_size, recipe=recipe, attention_backend="triton", optimizer_foreach=False)
     device, host = extrapolated_memory(setup, RECIPE_PROBE_LAYERS)
-    point = Point(recipe, length, world_size, offloaded_layers=offloaded)
+    point = Point(recipe, length, world_size)
     assert abs(device_bytes(shape(model), point) / device - 1) <= TOLERANCE, (device_bytes(shape(model), point), device)
     assert host_bytes(shape(model), point) == pytest.approx(host, rel=1e-3, abs=1e6)
 
