@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from lightning_mqsp.adapters.huggingface import absolute_position_limit
 from lightning_mqsp.attention import communication_bytes
 from lightning_mqsp.estimate import ESTIMATE_GATHERED_ROWS, LOSS_CHUNK, MLP_TILE, RECIPE_LABELS, RECIPES, new_model
 from lightning_mqsp.layer_offload import decoder_layers
@@ -57,7 +58,12 @@ class ModelShape:
     layer_parameters: int  # one decoder layer's
     embedding_parameters: int  # the input embeddings and, untied, the output head: vocabulary x hidden, once or twice
     decoder: bool  # a causal LM (the loss is causal; BERT's is masked)
+    position_table: int  # rows of a learned absolute position table (0: none), which must hold every position of L
     qk_norm: bool  # query and key norms in the attention (Qwen3)
+
+    def parameters_at(self, length: int) -> int:
+        """Parameters at full length ``length``: a learned position table grows to hold every position."""
+        return self.parameters + (max(0, length - self.position_table) * self.hidden if self.position_table else 0)
 
     @property
     def query_width(self) -> int:
@@ -84,6 +90,7 @@ class ModelShape:
             layer_parameters=sum(p.numel() for p in layers[0].parameters()),
             embedding_parameters=sum(embeddings.values()), decoder="Bert" not in type(config).__name__,
             qk_norm=any(name.endswith("k_norm") for name, _ in layers[0].named_modules()),
+            position_table=(absolute_position_limit(model) or ("", 0))[1],
         )
 
 
@@ -159,13 +166,13 @@ def _offloaded(shape: ModelShape, point: Point) -> int:
 def device_bytes(shape: ModelShape, point: Point) -> int:
     """The device's peak of live tensor bytes on one rank (the fake-tensor estimator's quantity): the largest of the
     moments the step can peak at (see above)."""
-    recipe, t, p, d = point.recipe, point.tokens, point.world_size, shape.layers
+    recipe, t, p, d, n = point.recipe, point.tokens, point.world_size, shape.layers, shape.parameters_at(point.length)
     h, q, kv, i, D, V = shape.hidden, shape.query_width, shape.kv_width, shape.intermediate, shape.head_dim, shape.vocab
     shards = 1 if recipe == "ddp" else p
     # The optimizer step: every float32 gradient, and AdamW's temporaries for its largest tensor (the embeddings).
-    optimizer_step = (16 * shape.parameters + 8 * V * h) // shards
+    optimizer_step = (16 * n + 8 * V * h) // shards
     if recipe in OFFLOADING_RECIPES:
-        states = 0 if recipe == "host_parameters" else 12 * shape.parameters // p
+        states = 0 if recipe == "host_parameters" else 12 * n // p
         gathered = 2 * (shape.layer_parameters + V * h)
         kept = (d - _offloaded(shape, point)) * 2 * h
         step_bytes = ATTENTION_STEP_BYTES if p > 1 else ATTENTION_STEP_BYTES_ONE_RANK
@@ -179,10 +186,10 @@ def device_bytes(shape: ModelShape, point: Point) -> int:
     loss = 12 * V + 8 * h + 4 * D + 12
     if recipe == "ddp":
         layer = 25 * h + 4.5 * q + 8.5 * kv + 7.75 * i + 10 * D + 4
-        forward = 12 * shape.parameters + 2 * V * h + d * 2 * shape.layer_parameters + t * (d * layer + loss)
+        forward = 12 * n + 2 * V * h + d * 2 * shape.layer_parameters + t * (d * layer + loss)
     else:
         layer = 16 * h + 4 * q + 4 * kv + 8 * i + 2 * D + 8 if recipe == "sharded" else 2 * h
-        forward = 12 * shape.parameters // p + t * (d * layer + loss)
+        forward = 12 * n // p + t * (d * layer + loss)
     return int(max(forward, optimizer_step))
 
 
@@ -196,7 +203,8 @@ def host_bytes(shape: ModelShape, point: Point) -> int:
     offloaded = _offloaded(shape, point)
     saved = offloaded + (offloaded == shape.layers)
     activations = point.tokens * (2 * shape.hidden * saved + 2 * shape.query_width)
-    return activations + (12 * shape.parameters // point.world_size if point.recipe == "host_parameters" else 0)
+    states = 12 * shape.parameters_at(point.length) // point.world_size
+    return activations + (states if point.recipe == "host_parameters" else 0)
 
 
 @dataclass(frozen=True)
@@ -383,7 +391,11 @@ def planned_micro_q_size(point: Point) -> int:
 def assumptions(shape: ModelShape, hardware: Hardware, batch: int, causal: bool) -> list[str]:
     """Everything the numbers rest on, printed with them."""
     budget = hardware.budget()
+    caveat = [] if shape.decoder else [
+        f"{shape.name}: the memory model's coefficients are the Llama family's (RMSNorm, gated MLP, rotary positions); "
+        "this model's LayerNorm, GELU MLP and learned positions are not in them beyond the parameter count: --verify"]
     return [
+        *caveat,
         f"model {shape.name}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}, "
         f"{shape.heads} heads ({shape.kv_heads} key/value) of {shape.head_dim}, intermediate {shape.intermediate}, "
         f"vocabulary {shape.vocab}",
