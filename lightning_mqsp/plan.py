@@ -77,7 +77,8 @@ class ModelShape:
     def of(cls, name: str, config: PretrainedConfig) -> ModelShape:
         with torch.device("meta"):
             model = new_model(config)
-        layers = decoder_layers(model)
+        # The repeated block (BERT lists its embeddings among the classes FSDP must not split, too).
+        layers = [layer for layer in decoder_layers(model) if type(layer) is type(decoder_layers(model)[-1])]
         heads = config.num_attention_heads
         embeddings = {id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                       for p in m.parameters() if p.dim() == 2}
