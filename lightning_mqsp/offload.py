@@ -27,6 +27,7 @@ a GPU.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -194,8 +195,9 @@ class _Saved:
         return copy
 
 
-def offloaded_saved_tensors() -> AbstractContextManager:
-    """Saved-tensor hooks that keep what forward saves for backward in host memory until backward unpacks it.
+def offloaded_saved_tensors(offloading: Callable[[], bool] | None = None) -> AbstractContextManager:
+    """Saved-tensor hooks that keep what forward saves for backward in host memory until backward unpacks it (while
+    ``offloading()`` says so, when given: ``offload_activation_layers`` offloads only the first layers' saves).
 
     Unlike ``torch.autograd.graph.save_on_cpu``, a tensor already in host memory is kept as it is (no second
     pinned copy, no host read of a copy in flight), the copies are ordered by events, not by a host sync, and
@@ -205,6 +207,8 @@ def offloaded_saved_tensors() -> AbstractContextManager:
     saved: list[weakref.ref[_Saved]] = []  # in the order of saving; dead once backward has released a tensor
 
     def pack(tensor: Tensor) -> Tensor | _Saved:
+        if offloading is not None and not offloading():
+            return tensor
         host = to_host(tensor)
         if host is tensor:  # in host memory already: its reads are ordered where they happen (to_device)
             return tensor

@@ -34,6 +34,7 @@ from lightning_mqsp import comm, offload
 from lightning_mqsp.adapters import AttentionAudit, SequenceParallelContext, activate, huggingface, reject_unroutable_modules
 from lightning_mqsp.adapters.sdpa import RouteScaledDotProductAttention
 from lightning_mqsp.comm import ProcessGroup
+from lightning_mqsp.layer_offload import LayerOffload, OffloadLayers, check_offload_layers, layer_offload
 from lightning_mqsp.layout import Layout, check_layout
 from lightning_mqsp.mesh import check_sizes, sequence_parallel_mesh
 from lightning_mqsp.sharding import PREDICT_OUTPUTS, BatchSharder, PredictOutputs, gather_outputs
@@ -66,6 +67,7 @@ class SequenceParallelism(ParallelStrategy):
         mlp_tile_size: int | None,
         attention_head_groups: int,
         predict_outputs: PredictOutputs,
+        offload_activation_layers: OffloadLayers = None,
     ) -> None:
         check_layout(layout)
         if predict_outputs not in PREDICT_OUTPUTS:
@@ -95,6 +97,9 @@ class SequenceParallelism(ParallelStrategy):
             raise ValueError(f"mlp_tile_size must be a positive int or None, got {mlp_tile_size!r}.")
         self.activation_checkpointing = activation_checkpointing
         self.offload_activations = offload_activations
+        check_offload_layers(offload_activation_layers, offload_activations)
+        self.offload_activation_layers = offload_activation_layers
+        self._layer_offload: LayerOffload | None = None
         self.mlp_tile_size = mlp_tile_size
         self._device_mesh: DeviceMesh | None = None
         self._sharder: BatchSharder | None = None
@@ -197,6 +202,9 @@ class SequenceParallelism(ParallelStrategy):
                 )
             for hf_model in hf_models:
                 huggingface.enable_activation_checkpointing(hf_model)
+        if self.offload_activation_layers is not None:
+            self._layer_offload = layer_offload(hf_models, self.offload_activation_layers)
+            self._undo_model_patches.append(self._layer_offload.attach())
         if self.mlp_tile_size is not None:
             if not any(type(m).__name__.endswith("MLP") for m in module.modules()):
                 raise ValueError("mlp_tile_size was given, but the module has no MLP (no submodule whose class name ends with 'MLP').")
@@ -278,7 +286,9 @@ class SequenceParallelism(ParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with ExitStack() as stack:
             stack.enter_context(self._sequence_parallel_step("training_step"))
-            if self.offload_activations:  # what the forward saves for backward goes to host memory
+            if self._layer_offload is not None:  # the first layers' checkpoints go to host memory
+                stack.enter_context(self._layer_offload.saved_tensors())
+            elif self.offload_activations:  # what the forward saves for backward goes to host memory
                 stack.enter_context(offload.offloaded_saved_tensors())
             return super().training_step(*args, **kwargs)
 

@@ -60,6 +60,10 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
             rank of each sequence-parallel group (the others return ``None``); ``"all"`` the full sequences on
             every rank. Full-length logits can be huge ([B, L, vocab]: 256 GB in bf16 at L = 1M with a 128k
             vocabulary), so a full gather is opt-in.
+        offload_activation_layers: with ``offload_activations``, offload the checkpoints of only the first layers: a
+            number of decoder layers (int >= 0) or a fraction of them (float in (0, 1], rounded up); the others stay on
+            the device, so the host holds only what the device cannot (:mod:`lightning_mqsp.layer_offload`;
+            ``lightning-mqsp plan`` chooses it). None (default): every layer's.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -81,11 +85,12 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         mlp_tile_size: int | None = None,
         attention_head_groups: int = 1,
         predict_outputs: PredictOutputs = "shard",
+        offload_activation_layers: int | float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
-            attention_head_groups, predict_outputs,
+            attention_head_groups, predict_outputs, offload_activation_layers,
         )

@@ -70,6 +70,10 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
             memory (FSDP2 ``CPUOffloadPolicy``): a layer's parameters come to the device only while it runs,
             each gradient goes back as it is reduced, and the optimizer steps on the CPU. What lets an 8B model
             train on one 80 GB GPU (``docs/scaling.md``); it costs host-device transfers every step.
+        offload_activation_layers: with ``offload_activations``, offload the checkpoints of only the first layers: a
+            number of decoder layers (int >= 0) or a fraction of them (float in (0, 1], rounded up); the others stay on
+            the device, so the host holds only what the device cannot (:mod:`lightning_mqsp.layer_offload`;
+            ``lightning-mqsp plan`` chooses it). None (default): every layer's.
         save_distributed_checkpoint: True: each rank saves its shard (a folder, resumable at any
             world size); False: the full state dict on rank 0, loadable into the plain model.
         **kwargs: ``process_group_backend`` and ``timeout`` of :class:`~lightning.pytorch.strategies.ModelParallelStrategy`.
@@ -95,6 +99,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         predict_outputs: PredictOutputs = "shard",
         mixed_precision: bool = False,
         offload_parameters: bool = False,
+        offload_activation_layers: int | float | None = None,
         save_distributed_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -102,7 +107,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
-            attention_head_groups, predict_outputs,
+            attention_head_groups, predict_outputs, offload_activation_layers,
         )
         self.mixed_precision = mixed_precision
         self.offload_parameters = offload_parameters

@@ -26,7 +26,8 @@ def counts(causal: bool) -> tuple[float, float, dict[str, float], dict[str, floa
 @pytest.mark.parametrize("causal", [False, True], ids=["unmasked", "causal"])
 def test_a_cpu_micro_step_issues_few_ops(workers, causal: bool) -> None:
     """Unmasked, at most half the ops of before each way (21 and 20 of 44 and 41); causal (its diagonal is several
-    kernel calls, each merged) at most 0.6 of before (54.5 and 28.5 of 94.5 and 49.5). Exactly one kernel call a step unmasked, and no collective counted among the ops."""
+    kernel calls, each merged) at most 0.6 of before (54.5 and 28.5 of 94.5 and 49.5). Exactly one kernel call a
+    step unmasked, and no collective counted among the ops."""
     before = BEFORE["causal" if causal else "unmasked"]
     limit = 0.6 if causal else 0.5
     for forward, backward, forward_by_op, backward_by_op in workers(2).run(counts, causal):

@@ -1,0 +1,108 @@
+"""The planner (lightning_mqsp/plan.py): its analytic memory against the fake-tensor estimator (lightning_mqsp/estimate.py,
+the ground truth) at points of several models, recipes, lengths and P; the offload choice against both budgets; the
+time model's structure (each part follows the FLOPs or bytes it is made of); the command line's table, JSON, config
+and errors. The full recipes' long-sequence points take the estimator minutes each: docs/scaling.md lists them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_mqsp import plan
+from lightning_mqsp.estimate import RECIPE_PROBE_LAYERS, Setup, extrapolated_memory, quiet
+from lightning_mqsp.plan import GB, Budget, Hardware, ModelShape, Point, device_bytes, host_bytes, load_config, step_time
+
+#: The analytic model's goal against the fake-tensor estimate of the device peak.
+TOLERANCE = 0.03
+
+
+def shape(name: str) -> ModelShape:
+    return ModelShape.of(*load_config(name))
+
+
+@pytest.mark.parametrize("model, recipe, world_size, length", [
+    ("llama-8b", "sharded", 8, 65536),
+    ("mistral-7b", "ddp", 4, 16384),
+    ("qwen3-8b", "checkpointed", 2, 32768),
+])
+def test_the_analytic_memory_matches_the_fake_estimate(model: str, recipe: str, world_size: int, length: int) -> None:
+    """Full depth extrapolated from fake runs of 3 and 4 layers, as the estimator's own searches do (checked against
+    deeper runs in tests/test_estimate.py); the host memory to 0.1% (it is a few tensors' bytes). The full recipes at the
+    long lengths the planner answers for take the estimator minutes a point: docs/scaling.md lists those checks."""
+    quiet()
+    setup = Setup(model, "mqsp", length, world_size, recipe=recipe, attention_backend="triton", optimizer_foreach=False)
+    device, host = extrapolated_memory(setup, RECIPE_PROBE_LAYERS)
+    point = Point(recipe, length, world_size)
+    assert abs(device_bytes(shape(model), point) / device - 1) <= TOLERANCE, (device_bytes(shape(model), point), device)
+    assert host_bytes(shape(model), point) == pytest.approx(host, rel=1e-3, abs=1e6)
+
+
+def test_the_fewest_layers_offload_that_fit_the_device_and_the_host_holds_only_theirs() -> None:
+    """Each layer kept on the device costs it 2h bytes a token and spares the host as much: the choice is the smallest
+    count that fits the device, and a host budget below what that count needs makes the point not fit."""
+    llama = shape("llama-8b")
+    point = Point("full", 4 * 2**20, 8)
+    every = replace(point, offloaded_layers=llama.layers)
+    budget = Budget(device_bytes(llama, every) + 10 * 2 * llama.hidden * point.tokens, 2**62)
+    chosen = plan.best_point(llama, point, budget)
+    assert chosen is not None and chosen.offloaded_layers == llama.layers - 10
+    fewer = replace(chosen, offloaded_layers=chosen.offloaded_layers - 1)
+    assert device_bytes(llama, chosen) <= budget.device_bytes < device_bytes(llama, fewer)
+    assert host_bytes(llama, every) - host_bytes(llama, chosen) == (10 + 1) * 2 * llama.hidden * point.tokens
+    assert plan.best_point(llama, point, replace(budget, host_bytes=host_bytes(llama, chosen) - 1)) is None
+    longest = plan.longest_point(llama, "full", 8, budget)
+    assert longest is not None and plan.best_point(llama, replace(longest, length=longest.length + 8 * 1024), budget) is None
+
+
+def test_the_time_parts_follow_their_flops_and_bytes() -> None:
+    """Doubling the length doubles the per-rank linear work at the same P and quadruples attention's; the offload copies
+    hide behind the kernels (their own stream) and what exceeds them follows the PCIe bandwidth; the exposed
+    communication of P = 16 (two nodes) follows the inter-node one."""
+    llama, hardware = shape("llama-8b"), Hardware(gpus=16)
+    short, long = (step_time(llama, Point("full", n, 16), hardware)["parts"] for n in (2**20, 2**21))
+    assert long["matmuls"] == pytest.approx(2 * short["matmuls"])
+    assert long["attention"] == pytest.approx(4 * short["attention"])
+    assert short["offload copies (exposed)"] == 0.0
+    slow, slower = (step_time(llama, Point("full", 2**20, 16), replace(hardware, pcie_gbps=gbps))["parts"] for gbps in (0.02, 0.01))
+    compute = short["matmuls"] + short["attention"]
+    assert slow["offload copies (exposed)"] > 0
+    assert slower["offload copies (exposed)"] + compute == pytest.approx(2 * (slow["offload copies (exposed)"] + compute))
+    slow_link = replace(hardware, inter_node_gbps=1.0, intra_node_gbps=1.0)
+    exposed = step_time(llama, Point("full", 2**20, 16), slow_link)
+    assert exposed["parts"]["attention communication (exposed)"] > short["attention"]
+    assert exposed["dominant"] == "attention communication (exposed)"
+    timing = step_time(llama, Point("full", 2**20, 16), hardware)
+    assert 0 < timing["mfu"] < 1 and timing["seconds"] == pytest.approx(sum(timing["parts"].values()))
+
+
+def test_the_command_prints_json_and_writes_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.yaml"
+    result = plan.main(["--model", "llama-3.1-8b", "--gpus", "8", "--json", "--write-config", str(config)])
+    printed = json.loads(capsys.readouterr().out)
+    assert [row["recipe"] for row in printed["recipes"]] == list(plan.RECIPES) == [row["recipe"] for row in result["recipes"]]
+    best = max((row for row in printed["recipes"] if "device_gb" in row), key=lambda row: row["length"])
+    assert best["device_gb"] <= 80 and best["host_gb"] <= 1900 / 8
+    written = yaml.safe_load(config.read_text())
+    init = written["trainer"]["strategy"]["init_args"]
+    assert written["data"]["seq_len"] == best["length"] and init["sequence_parallel_size"] == 8
+    assert init["offload_activation_layers"] == best["offloaded_layers"] and init["micro_q_size"] == best["micro_q_size"]
+
+
+def test_a_local_config_json_is_read_without_a_download(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(load_config("llama-3.2-1b")[1].to_dict()))
+    assert shape(str(tmp_path)) == replace(shape("llama-3.2-1b"), name=tmp_path.name)
+
+
+def test_bad_input_names_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"built-in shapes are .*llama-3\.1-8b.*or give the path"):
+        load_config("llama-9000")
+    with pytest.raises(SystemExit):
+        plan.main(["--model", "llama-3.1-8b", "--gpus", "8", "--length", "1001"])
+    assert "must be a positive multiple of --gpus 8" in capsys.readouterr().err
+    plan.main(["--model", "llama-3.1-8b", "--gpus", "8", "--length", str(2**30)])
+    assert "does not fit at 1,073,741,824: device" in capsys.readouterr().out
+    assert Hardware(gpus=8).budget() == Budget(80 * GB, 1900 * GB // 8)
