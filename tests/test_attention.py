@@ -12,7 +12,7 @@ from packaging.version import Version
 from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
 
 from lightning_mqsp import attention, comm, count_communication, mqsp_attention, offload, shard_sequence
-from lightning_mqsp.attention import _Route, _route, communication_bytes
+from lightning_mqsp.attention import DEVICE_STEP_BYTES, _Route, _route, auto_micro_q_size, communication_bytes, step_bytes_per_gathered_row
 from lightning_mqsp.backends import cpu_flash
 from lightning_mqsp.dropout import keep_mask
 from lightning_mqsp.visibility import Window
@@ -732,3 +732,19 @@ def test_offloaded_queries_are_saved_as_their_host_copy_and_read_a_step_at_a_tim
     for saves_query, saves_copy, reads in workers(2).run(offloaded_query_reads, head_groups):
         assert not saves_query and saves_copy
         assert sum(reads) == head_groups * 24 and max(reads) == 4 * head_groups  # a step: 4 rows x the groups
+
+
+def test_micro_steps_are_sized_for_the_device() -> None:
+    """On the CPU a step gathers about 2048 rows (fewer on short sequences); on a GPU as many as DEVICE_STEP_BYTES of
+    step buffers hold, never fewer than the CPU's 2048 and never more than the rank's rows."""
+    llama_8b_row = step_bytes_per_gathered_row(32, 128, torch.bfloat16)
+    # Forward: the row and its successor, 2 x 2 x 128 B, partials out and back 2 x 4 x 130 B; backward: the padded row
+    # (2 x 128 + 6 -> 272 elements) and its successor, 2 x 2 x 272 B, dQ out and back 2 x 4 x 128 B; the larger, x 32 heads.
+    assert llama_8b_row == 32 * max(2 * 2 * 128 + 2 * 4 * 130, 2 * 2 * 272 + 2 * 4 * 128)
+    local = 131072 // 8
+    on_gpu = auto_micro_q_size(local, 8, llama_8b_row)
+    assert 8 * (on_gpu - 1) * llama_8b_row <= DEVICE_STEP_BYTES < 8 * (on_gpu + 1) * llama_8b_row
+    assert 8 * on_gpu >= 3900  # twice the CPU's rows a step
+    assert auto_micro_q_size(local, 8) == 2048 // 8  # the CPU keeps its choice
+    assert auto_micro_q_size(1000, 8, 10**9) == 2048 // 8  # at least the CPU's rows, however large a row
+    assert auto_micro_q_size(100, 8, 1) == 100  # at most the rank's rows
