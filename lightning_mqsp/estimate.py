@@ -352,12 +352,15 @@ class _HostMemory:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        replaced = lightning_mqsp.offload.to_host, lightning_mqsp.offload.to_device
-        lightning_mqsp.offload.to_host, lightning_mqsp.offload.to_device = self.to_host, self.to_device  # type: ignore[assignment]
+        # to_device, and the copy back that the saved-tensor hooks start ahead of use (their prefetch), without a wait
+        offload = lightning_mqsp.offload
+        replaced = offload.to_host, offload.to_device, offload._start_to_device
+        offload.to_host, offload.to_device = self.to_host, self.to_device  # type: ignore[assignment]
+        offload._start_to_device = lambda tensor, device: (self.to_device(tensor, device), None)  # type: ignore[assignment]
         try:
             yield
         finally:
-            lightning_mqsp.offload.to_host, lightning_mqsp.offload.to_device = replaced
+            offload.to_host, offload.to_device, offload._start_to_device = replaced
 
     def to_host(self, tensor: Tensor) -> Tensor:
         """A copy in host memory; a tensor there already (an offloaded query, or a view of one) stays as it is, as
