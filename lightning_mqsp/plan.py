@@ -78,7 +78,8 @@ class ModelShape:
         with torch.device("meta"):
             model = new_model(config)
         # The repeated block (BERT lists its embeddings among the classes FSDP must not split, too).
-        layers = [layer for layer in decoder_layers(model) if type(layer) is type(decoder_layers(model)[-1])]
+        candidates = decoder_layers(model)
+        layers = [layer for layer in candidates if type(layer) is type(candidates[-1])]
         heads = config.num_attention_heads
         embeddings = {id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                       for p in m.parameters() if p.dim() == 2}

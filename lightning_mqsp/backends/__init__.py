@@ -127,14 +127,14 @@ def joined_rows(x: Tensor | list[Tensor], columns: slice = slice(None), sequence
     output gradient in: it copies any other)."""
     if isinstance(x, Tensor) and x.dim() == 4:
         return x[..., columns]
-    parts = [part[..., columns] for part in (x.unbind(0) if isinstance(x, Tensor) else x)]
     if isinstance(x, Tensor) and not copy:
-        x = x[..., columns]
-        n, b, h, c, _ = x.shape
-        if n == 1 or (b == 1 and x.stride(0) == c * x.stride(3)):
-            joined = x.movedim(0, 2).flatten(2, 3)  # a view
+        rows = x[..., columns]
+        n, b, h, c, _ = rows.shape
+        if n == 1 or (b == 1 and rows.stride(0) == c * rows.stride(3)):
+            joined = rows.movedim(0, 2).flatten(2, 3)  # a view
             if not sequence_major or joined.transpose(1, 2).is_contiguous():
                 return joined
+    parts = [part[..., columns] for part in (x.unbind(0) if isinstance(x, Tensor) else x)]
     if not sequence_major:
         return torch.cat(parts, dim=2)
     b, h, c, width = parts[0].shape
