@@ -18,7 +18,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 import torch.distributed as dist
@@ -271,9 +271,17 @@ def _of_ranks(x: Tensor, ranks: tuple[int, ...]) -> Tensor:
     return x[list(ranks)]
 
 
+@overload
+def _share_rows(
+    rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = ..., one_buffer: Literal[True] = ...,
+) -> Callable[[], Tensor]: ...
+@overload
+def _share_rows(
+    rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = ..., one_buffer: bool = ...,
+) -> Callable[[], Tensor | list[Tensor]]: ...
 def _share_rows(
     rows: Tensor, route: _Route, plan: _Plan, what: str, all_gather_dense: bool = True, one_buffer: bool = True,
-) -> Callable[[], Tensor | list[Tensor]]:
+) -> Callable[[], Tensor] | Callable[[], Tensor | list[Tensor]]:
     """Send this rank's rows of a micro-step [B, H, c, X] to the ranks whose keys see them. The call returned waits
     for the rows of ``route.sources`` and returns them where they arrived, [n, B, H, c, X] (source order), with no
     copy joining them. Dense steps all-gather (unless ``all_gather_dense`` is false: then they exchange a copy with
@@ -573,7 +581,7 @@ class _MQSPAttention(torch.autograd.Function):
         # Only here: the backward's exchange would hold P-1 copies of its larger rows where its peak is.
         all_gather_dense = not comm.exchange_is_cheaper_than_all_gather(plan.group)
 
-        def gather(j: int) -> Callable[[], list[Tensor]]:
+        def gather(j: int) -> Callable[[], Tensor]:
             start, stop = steps[j]
             return _share_rows(query[:, :, start:stop], routes[j], plan, "mqsp_attention: the query gather", all_gather_dense)
 
@@ -613,7 +621,7 @@ class _MQSPAttention(torch.autograd.Function):
         delta = _row_dots(grad_out, out, dtype, plan.head_groups)  # once for the shard, not a few ops every step
         row_width = backward_row_width(d, query.dtype, plan.backend.reads_rows_in_place)
 
-        def gather(j: int) -> Callable[[], Tensor]:
+        def gather(j: int) -> Callable[[], Tensor | list[Tensor]]:
             rows = slice(*steps[j])
             # Query rows and their output gradients travel in the input dtype, row statistics in float32,
             # in one collective: the statistics' bytes ride as extra columns of the input dtype (a bit cast,
@@ -642,8 +650,8 @@ class _MQSPAttention(torch.autograd.Function):
 
         def compute(j: int, inputs: tuple[Tensor, ...]) -> comm.Pending:
             (start, stop), sources = steps[j], routes[j].sources
-            step_query, step_grad_out, *step_stats = inputs
-            part_grad_query = plan.backend.backward(step_query, key, value, step_grad_out, *step_stats,
+            step_query, step_grad_out, step_row_max, step_row_log_sum, step_delta = inputs
+            part_grad_query = plan.backend.backward(step_query, key, value, step_grad_out, step_row_max, step_row_log_sum, step_delta,
                                                     masks.visibility(plan, (start, stop, sources)), plan.scale, grad_key, grad_value)
             if part_grad_query.dim() == 4:  # of joined rows: [B, H, n*c, D] -> [n, B, H, c, D] (a view)
                 part_grad_query = part_grad_query.unflatten(2, (len(sources), stop - start)).movedim(2, 0)

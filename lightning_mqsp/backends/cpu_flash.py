@@ -259,7 +259,7 @@ class _KeyMeans:
     keys (four ops a step made it anew). Kept by identity and version of the keys and padding mask."""
 
     def __init__(self) -> None:
-        self._entry: tuple[object, ...] | None = None
+        self._entry: tuple[weakref.ref[Tensor], Tensor | None, tuple[object, ...], Tensor] | None = None
 
     def get(self, k: Tensor, key_padding_mask: Tensor | None, heads: int, factor: float) -> Tensor:
         if torch.compiler.is_compiling():  # traced graphs compute it (a cache is not traceable)
@@ -267,7 +267,7 @@ class _KeyMeans:
         versions = (k._version, None if key_padding_mask is None else key_padding_mask._version, heads, factor)
         entry = self._entry
         if entry is not None and entry[0]() is k and entry[1] is key_padding_mask and entry[2] == versions:
-            return entry[3]  # type: ignore[return-value]
+            return entry[3]
         mean_key = self._compute(k, key_padding_mask, heads, factor)
         self._entry = (weakref.ref(k), key_padding_mask, versions, mean_key)
         return mean_key
@@ -435,8 +435,9 @@ class CpuFlashBackend:
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
         visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor, grad_query: Tensor | None = None,
     ) -> Tensor:
-        stats = (joined_rows(t.unsqueeze(-1)).squeeze(-1) for t in (row_max, row_log_sum, delta))
-        dq = self._backward(joined_rows(q), k, v, joined_rows(dout, sequence_major=True), *stats, visibility, scale, grad_key, grad_value)
+        row_max, row_log_sum, delta = (joined_rows(t.unsqueeze(-1)).squeeze(-1) for t in (row_max, row_log_sum, delta))
+        dq = self._backward(joined_rows(q), k, v, joined_rows(dout, sequence_major=True), row_max, row_log_sum, delta,
+                            visibility, scale, grad_key, grad_value)
         dq = segments_of(dq, q)
         return dq if grad_query is None else grad_query.copy_(dq)
 

@@ -69,8 +69,10 @@ class ReferenceBackend:
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
         visibility: Visibility, scale: float, grad_key: Tensor, grad_value: Tensor, grad_query: Tensor | None = None,
     ) -> Tensor:
-        stats = (joined_rows(t.unsqueeze(-1)).squeeze(-1) for t in (row_max, row_log_sum, delta))
-        dq = segments_of(self._backward(joined_rows(q), k, v, joined_rows(dout), *stats, visibility, scale, grad_key, grad_value), q)
+        row_max, row_log_sum, delta = (joined_rows(t.unsqueeze(-1)).squeeze(-1) for t in (row_max, row_log_sum, delta))
+        dq = self._backward(joined_rows(q), k, v, joined_rows(dout), row_max, row_log_sum, delta, visibility, scale,
+                            grad_key, grad_value)
+        dq = segments_of(dq, q)
         return dq if grad_query is None else grad_query.copy_(dq)
 
     def _backward(
