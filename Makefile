@@ -9,8 +9,11 @@ LOCK := requirements/lock.txt
 STAMP := $(VENV)/.installed
 # -P keeps the repository root off sys.path: tests import the installed package, as users do.
 # -n 2: the suite's processes wait on each other (gloo ranks, subprocess launches); two workers keep both cores busy.
-# loadgroup: a module whose module-scoped fixture launches a multi-process run stays on one worker (xdist_group).
-PYTEST := -P -m pytest -q -n 2 --dist loadgroup
+# loadfile: each module runs on one worker, so a module-scoped fixture that launches a multi-process run runs once
+# (with pytest 9.2, xdist 3.8's loadgroup no longer groups: its marks went unread and such fixtures ran on both
+# workers, 150 s of CPU twice for the interpreted Triton cases). --no-loadscope-reorder keeps the modules in their
+# collected order instead of the most tests first, which left the longest module, with four tests, to the end.
+PYTEST := -P -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install test test-latest test-floor lint demo bench clean
 

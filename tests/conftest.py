@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,3 +26,14 @@ def workers() -> Iterator[Callable[[int], WorkerPool]]:
 
     yield get
     close_pools([pool for pool in _pools.values() if not pool.broken])
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test leaves os.environ as it found it. A Trainer run in the test process sets MASTER_ADDR, MASTER_PORT,
+    NODE_RANK and LOCAL_RANK there; a later test's launched Trainer script inherited them, took itself for an
+    already-launched rank, started no other, and waited for them until its timeout."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -17,9 +17,6 @@ from pathlib import Path
 
 import pytest
 
-# Its module-scoped fixture starts the interpreted groups at once: one pytest-xdist worker runs all of its tests.
-pytestmark = pytest.mark.xdist_group("test_backends_triton")
-
 CASES = Path(__file__).with_name("_triton_kernel_cases.py")
 REPO = CASES.parent.parent
 # The children start together and run side by side: each is one interpreted Python thread (the two-rank case two

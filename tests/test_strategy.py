@@ -23,9 +23,6 @@ from lightning.pytorch.strategies import StrategyRegistry
 import lightning_mqsp
 from lightning_mqsp import MQSPStrategy
 
-# Its module-scoped fixtures launch multi-process runs: one pytest-xdist worker runs all of its tests.
-pytestmark = pytest.mark.xdist_group("test_strategy")
-
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from reference import relative_error  # noqa: E402

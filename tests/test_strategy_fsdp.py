@@ -16,9 +16,6 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from lightning_mqsp import MQSPFSDPStrategy
 
-# Its module-scoped fixtures launch multi-process runs: one pytest-xdist worker runs all of its tests.
-pytestmark = pytest.mark.xdist_group("test_strategy_fsdp")
-
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
