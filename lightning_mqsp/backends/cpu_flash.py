@@ -19,7 +19,9 @@ merge):
 - anything else (sliding windows, documents) is cut into tiles of at most ``TILE`` x ``TILE``,
   each skipped, taken whole, or given an explicit [B, 1, m, n] bias.
 
-The first piece that covers a row is copied into the result; later ones are merged into it by
+The first piece that covers a row is copied into the result; later ones are merged into it. Where every piece
+subtracts each row's own level (no padding, no explicit mask) their log-sum-exps share that level and two merge in
+four ops, the level split off once at the end; otherwise each piece's is split and merged by
 :func:`lightning_mqsp.merge.merge_into`, like the ranks' partials are. In backward each piece's
 dK and dV are added straight into the caller's accumulators. Grouped-query K/V go to the kernel
 as they are (it maps query heads to key/value heads itself, and sums dK/dV over each group), so
@@ -376,6 +378,70 @@ def _covers_all(pieces: list[_Piece], rows: int) -> bool:
     return len(pieces) == 1 and (pieces[0].row_start, pieces[0].row_stop) == (0, rows)
 
 
+class _SplitMerge:
+    """The pieces' results merged as the ranks' partials are: each piece's level plus log-sum-exp split exactly into
+    (row_max, row_log_sum) (``_split_sum``), then merged by :func:`lightning_mqsp.merge.merge_into`. For pieces whose
+    levels differ (key padding and explicit masks take a coarser level than each row's own: see ``_bias``)."""
+
+    def __init__(self, q: Tensor, rows_may_be_empty: bool) -> None:
+        self.merged = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3]))
+        self.rows_may_be_empty = rows_may_be_empty
+        self.written = _Written()
+
+    def add(self, piece: _Piece, out: Tensor, lse: Tensor, used: Tensor, may_be_empty: bool) -> None:
+        row_max, row_log_sum = _split_sum(used, lse, may_be_empty)
+        for start, stop, seen in self.written.split(piece.row_start, piece.row_stop):
+            into = Partial(*(t[:, :, start:stop] for t in self.merged))
+            part = Partial(*(t[:, :, start - piece.row_start : stop - piece.row_start] for t in (out, row_max, row_log_sum)))
+            if seen:
+                merge_into(into, part, self.rows_may_be_empty)
+            else:
+                for target, source in zip(into, part):
+                    target.copy_(source)
+
+    def result(self) -> Partial:
+        return _without_keys_in_gaps(self.merged, self.written)
+
+
+class _OwnLevelMerge:
+    """The pieces' results where every piece subtracts each row's own level (no padding, no explicit mask: the bias
+    is the level itself): their log-sum-exps are relative to one level per row, so two of them merge as they are
+    (four ops: b's share of the denominator is sigmoid(lse_b - lse_a)), and the exact split into (row_max,
+    row_log_sum) is done once, at the end (the split and the general merge took eighteen ops a piece)."""
+
+    def __init__(self, q: Tensor, negated_level: Tensor) -> None:
+        self.out, self.lse = q.new_empty(q.shape), q.new_empty(q.shape[:3])
+        self.negated_level = negated_level
+        self.written = _Written()
+
+    def add(self, piece: _Piece, out: Tensor, lse: Tensor, used: Tensor, may_be_empty: bool) -> None:
+        assert not may_be_empty, "a piece without a mask has a key for every row"
+        for start, stop, seen in self.written.split(piece.row_start, piece.row_stop):
+            into_out, into_lse = self.out[:, :, start:stop], self.lse[:, :, start:stop]
+            rows = slice(start - piece.row_start, stop - piece.row_start)
+            part_out, part_lse = out[:, :, rows], lse[:, :, rows]
+            if seen:
+                share = (part_lse - into_lse).sigmoid_()  # exp(lse_b) / (exp(lse_a) + exp(lse_b)), never inf / inf
+                into_out.lerp_(part_out, share.unsqueeze(-1))
+                torch.logaddexp(into_lse, part_lse, out=into_lse)
+            else:
+                into_out.copy_(part_out)
+                into_lse.copy_(part_lse)
+
+    def result(self) -> Partial:
+        # Rows no piece wrote hold whatever the buffer held: their split is overwritten below.
+        return _without_keys_in_gaps(Partial(self.out, *_split_sum(self.negated_level, self.lse, may_be_empty=False)), self.written)
+
+
+def _without_keys_in_gaps(merged: Partial, written: _Written) -> Partial:
+    """``merged`` with the rows no piece wrote (rows that see no key here) set to a partial that saw no key."""
+    for start, stop in written.gaps(merged.row_max.size(-1)):
+        merged.out[:, :, start:stop] = 0.0
+        merged.row_max[:, :, start:stop] = float("-inf")
+        merged.row_log_sum[:, :, start:stop] = 0.0
+    return merged
+
+
 class CpuFlashBackend:
     name = "cpu_flash"
     reads_rows_in_place = False
@@ -402,8 +468,8 @@ class CpuFlashBackend:
         q, k, v = q.float(), k.float(), v.float()
         pieces = _pieces(visibility)
         negated_level = _negated_row_levels(q, k, scale, visibility.key_padding_mask)
-        result = Partial(q.new_empty(q.shape), q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3]))
-        written = _Written()
+        own_levels = visibility.key_padding_mask is None and all(piece.kind != "masked" for piece in pieces)
+        merged = _OwnLevelMerge(q, negated_level) if own_levels else _SplitMerge(q, visibility.masks_within_runs)
         for piece in pieces:
             attend = _attend(visibility, piece, batch)
             bias, used = _bias(attend, negated_level[:, :, piece.rows])
@@ -414,22 +480,10 @@ class CpuFlashBackend:
             empty = _rows_without_keys(attend, piece)
             if empty is not None:
                 out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
-            row_max, row_log_sum = _split_sum(used, lse, may_be_empty=empty is not None)
             if _covers_all(pieces, rows):
-                return Partial(out, row_max, row_log_sum)
-            for start, stop, seen in written.split(piece.row_start, piece.row_stop):
-                into = Partial(*(t[:, :, start:stop] for t in result))
-                part = Partial(*(t[:, :, start - piece.row_start : stop - piece.row_start] for t in (out, row_max, row_log_sum)))
-                if seen:
-                    merge_into(into, part, rows_may_be_empty=visibility.masks_within_runs)
-                else:
-                    for target, source in zip(into, part):
-                        target.copy_(source)
-        for start, stop in written.gaps(rows):  # rows that see no key here
-            result.out[:, :, start:stop] = 0.0
-            result.row_max[:, :, start:stop] = float("-inf")
-            result.row_log_sum[:, :, start:stop] = 0.0
-        return result
+                return Partial(out, *_split_sum(used, lse, may_be_empty=empty is not None))
+            merged.add(piece, out, lse, used, may_be_empty=empty is not None)
+        return merged.result()
 
     def backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, row_max: Tensor, row_log_sum: Tensor, delta: Tensor,
@@ -451,10 +505,12 @@ class CpuFlashBackend:
         # The kernel recomputes p = exp(s - level - lse) with lse = (row_max - level) + row_log_sum: exactly
         # row_log_sum where the level is the row's own row_max. A row with no key anywhere (row_max = -inf)
         # must give p = 0: its row_log_sum becomes +inf (a finite level plus +inf stays +inf).
-        negated_level = row_max.neg().nan_to_num_(nan=float("nan"), posinf=0.0)  # -level; 0 where row_max = -inf
-        row_log_sum = row_log_sum.masked_fill(torch.isneginf(row_max), float("inf"))
+        negated_level = row_max.neg()
+        if visibility.masks_within_runs:  # only padding and documents can hide every key of a row
+            negated_level.nan_to_num_(nan=float("nan"), posinf=0.0)  # -level; 0 where row_max = -inf
+            row_log_sum = row_log_sum.masked_fill(torch.isneginf(row_max), float("inf"))
         pieces = _key_blocks(_pieces(visibility, skyline=True), min(KEY_BLOCK, max(rows // 2, 128)))
-        dq = q.new_empty((batch, rows, q.size(1), q.size(3))).transpose(1, 2)  # sequence-major, as the kernel returns its own
+        dq: Tensor | None = None  # sequence-major, as the kernel returns its own
         written = _Written()
         for piece in pieces:
             r, c = piece.rows, piece.keys
@@ -468,12 +524,18 @@ class CpuFlashBackend:
             )
             grad_key[:, :, c].add_(part_dk)  # in place (``x[c] += y`` would copy the slice back onto itself)
             grad_value[:, :, c].add_(part_dv)
-            if _covers_all(pieces, rows):
-                return part_dq
+            if dq is None and (piece.row_start, piece.row_stop) == (0, rows):  # the first piece of every row: no copy
+                dq = part_dq
+                written.split(0, rows)
+                continue
+            if dq is None:
+                dq = q.new_empty((batch, rows, q.size(1), q.size(3))).transpose(1, 2)
             for start, stop, seen in written.split(piece.row_start, piece.row_stop):
                 part = part_dq[:, :, start - piece.row_start : stop - piece.row_start]
                 (dq[:, :, start:stop].add_ if seen else dq[:, :, start:stop].copy_)(part)
             del part_dq, part_dk, part_dv, part  # before the next piece's kernel call allocates its own
+        if dq is None:  # no piece: no row sees a key here
+            return q.new_zeros((batch, rows, q.size(1), q.size(3))).transpose(1, 2)
         for start, stop in written.gaps(rows):
             dq[:, :, start:stop] = 0.0
         return dq
