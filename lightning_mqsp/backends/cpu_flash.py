@@ -524,16 +524,17 @@ class CpuFlashBackend:
             )
             grad_key[:, :, c].add_(part_dk)  # in place (``x[c] += y`` would copy the slice back onto itself)
             grad_value[:, :, c].add_(part_dv)
+            del part_dk, part_dv  # before the next piece's kernel call allocates its own
             if dq is None and (piece.row_start, piece.row_stop) == (0, rows):  # the first piece of every row: no copy
                 dq = part_dq
                 written.split(0, rows)
-                continue
-            if dq is None:
-                dq = q.new_empty((batch, rows, q.size(1), q.size(3))).transpose(1, 2)
-            for start, stop, seen in written.split(piece.row_start, piece.row_stop):
-                part = part_dq[:, :, start - piece.row_start : stop - piece.row_start]
-                (dq[:, :, start:stop].add_ if seen else dq[:, :, start:stop].copy_)(part)
-            del part_dq, part_dk, part_dv, part  # before the next piece's kernel call allocates its own
+            else:
+                if dq is None:
+                    dq = q.new_empty((batch, rows, q.size(1), q.size(3))).transpose(1, 2)
+                for start, stop, seen in written.split(piece.row_start, piece.row_stop):
+                    into = dq[:, :, start:stop]
+                    (into.add_ if seen else into.copy_)(part_dq[:, :, start - piece.row_start : stop - piece.row_start])
+            del part_dq
         if dq is None:  # no piece: no row sees a key here
             return q.new_zeros((batch, rows, q.size(1), q.size(3))).transpose(1, 2)
         for start, stop in written.gaps(rows):
