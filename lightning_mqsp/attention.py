@@ -410,15 +410,13 @@ _LOCAL_BLOCK_ROWS = 16384
 _NARROWING_PIECES = 16
 
 
-def _row_dots(grad_out: Tensor, out: Tensor, dtype: torch.dtype, head_groups: int) -> Tensor:
-    """delta = rowsum(grad_out * out) in ``dtype`` ([B, H, rows]), _ROW_DOT_BLOCK rows at a time (times ``head_groups``
-    in a pass over one group's heads: the same bytes as a block of all heads): the float32 copies of
+def _row_dots(grad_out: Tensor, out: Tensor, dtype: torch.dtype) -> Tensor:
+    """delta = rowsum(grad_out * out) in ``dtype`` ([B, H, rows]), _ROW_DOT_BLOCK rows at a time: the float32 copies of
     the whole sequence would be 4-6 hidden states of a bf16 model at once (P=1). As [1, D] x [D, 1] matmuls: aten's
     sum over a last dimension of 64 is several times slower on CPU."""
-    block_rows = _ROW_DOT_BLOCK * head_groups
     blocks = [
         (g.to(dtype).unsqueeze(-2) @ o.to(dtype).unsqueeze(-1))[..., 0, 0]
-        for g, o in zip(grad_out.split(block_rows, dim=2), out.split(block_rows, dim=2))
+        for g, o in zip(grad_out.split(_ROW_DOT_BLOCK, dim=2), out.split(_ROW_DOT_BLOCK, dim=2))
     ]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
@@ -466,8 +464,8 @@ def _head_groups(groups: int, heads: int, kv_heads: int) -> list[tuple[slice, sl
     return [(slice(g * q, (g + 1) * q), slice(g * kv, (g + 1) * kv)) for g in range(groups)]
 
 
-#: One backward pass over some heads: (plan, (query, key, value, grad_out, out, row_max, row_log_sum) of those heads,
-#: dQ to fill, dK and dV accumulators to add into).
+#: One backward pass over some heads: (plan, (query, key, value, grad_out, delta, row_max, row_log_sum) of those heads,
+#: dQ to fill, dK and dV accumulators to add into); delta = rowsum(grad_out * out), float32.
 BackwardPass = Callable[[_Plan, tuple[Tensor, ...], Tensor, Tensor, Tensor], None]
 
 
@@ -478,6 +476,14 @@ def _backward_by_head_groups(ctx: Any, grad_out: Tensor, run_pass: BackwardPass)
     plan: _Plan = ctx.plan
     query, key, value, out, row_max, row_log_sum = ctx.saved_tensors
     dtype = accumulation_dtype(key.dtype)
+    # The output is needed for delta alone: once that is made (once for the shard, not a few ops every step), autograd
+    # lets go of it (unless the graph is retained) and it is freed here, before the step buffers and dQ exist: one
+    # hidden state a token less where a layer's backward peaks. (A compiled graph's saved tensors are AOTAutograd's,
+    # which frees them itself.)
+    if not torch.compiler.is_compiling():
+        ctx.maybe_clear_saved_tensors()
+    delta = _row_dots(grad_out, out, dtype)
+    del out
     # Each row's query gradient arrives once, summed over ranks in float32: it is stored in the input dtype
     # straight away (the same single rounding as a float32 buffer cast at the end, without that buffer,
     # two bf16 hidden states of memory at the end of a layer's backward). dK and dV add up over the
@@ -486,12 +492,12 @@ def _backward_by_head_groups(ctx: Any, grad_out: Tensor, run_pass: BackwardPass)
     if plan.head_groups == 1:
         grad_key = torch.zeros(key.shape, dtype=dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=dtype, device=value.device)
-        run_pass(plan, (query, key, value, grad_out, out, row_max, row_log_sum), grad_query, grad_key, grad_value)
+        run_pass(plan, (query, key, value, grad_out, delta, row_max, row_log_sum), grad_query, grad_key, grad_value)
         return grad_query, *_key_value_grads(ctx, grad_key, grad_value, key, value)
     # Each pass finishes its heads' dK and dV: the results are made in the inputs' dtypes from the start.
     grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
     for heads, kv_heads in _head_groups(plan.head_groups, query.size(1), key.size(1)):
-        tensors = (query[:, heads], key[:, kv_heads], value[:, kv_heads], grad_out[:, heads], out[:, heads],
+        tensors = (query[:, heads], key[:, kv_heads], value[:, kv_heads], grad_out[:, heads], delta[:, heads],
                    row_max[:, heads], row_log_sum[:, heads])
         if key.dtype == dtype:  # float32 (or float64) inputs: accumulate in the results themselves
             run_pass(plan, tensors, grad_query[:, heads], grad_key[:, kv_heads].zero_(), grad_value[:, kv_heads].zero_())
@@ -535,8 +541,7 @@ class _LocalAttention(torch.autograd.Function):
         masks: _Masks = ctx.masks
 
         def run_pass(plan: _Plan, tensors: tuple[Tensor, ...], grad_query: Tensor, grad_key: Tensor, grad_value: Tensor) -> None:
-            query, key, value, grad_out, out, row_max, row_log_sum = tensors
-            delta = _row_dots(grad_out, out, accumulation_dtype(query.dtype), plan.head_groups)
+            query, key, value, grad_out, delta, row_max, row_log_sum = tensors
             # A block of a head group's pass takes head_groups times the rows: the same bytes as one of all heads.
             for start, stop, sources in _LocalAttention._blocks(plan, _LOCAL_BLOCK_ROWS * plan.head_groups):
                 rows = slice(start, stop)
@@ -613,12 +618,11 @@ class _MQSPAttention(torch.autograd.Function):
         masks: _Masks, plan: _Plan, tensors: tuple[Tensor, ...], grad_query: Tensor, grad_key: Tensor, grad_value: Tensor,
     ) -> None:
         """The backward's micro-steps over the heads of ``tensors``: fills grad_query, adds into grad_key and grad_value."""
-        query, key, value, grad_out, out, row_max, row_log_sum = tensors
+        query, key, value, grad_out, delta, row_max, row_log_sum = tensors
         b, h, _, d = query.shape
         dtype = accumulation_dtype(query.dtype)
         steps = _MQSPAttention._steps(plan, plan.backward_rows)
         routes = [plan.route(start, stop) for start, stop in steps]
-        delta = _row_dots(grad_out, out, dtype, plan.head_groups)  # once for the shard, not a few ops every step
         row_width = backward_row_width(d, query.dtype, plan.backend.reads_rows_in_place)
 
         def gather(j: int) -> Callable[[], Tensor | list[Tensor]]:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from packaging.version import Version
+from torch.multiprocessing.reductions import StorageWeakRef
 from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
 
 from lightning_mqsp import attention, comm, count_communication, mqsp_attention, offload, shard_sequence
@@ -691,6 +692,48 @@ def test_head_groups_keep_float32_key_value_accumulators_for_one_group_at_a_time
     key_value_fp32 = 2 * 4 * 2048 * 64 * 4
     saved_at_least = key_value_fp32 - key_value_fp32 // 2 - key_value_fp32 // 4
     assert backward_peak(4) <= backward_peak(1) - saved_at_least
+
+
+def output_freed_before_the_kernels(head_groups: int, retain_graph: bool = False) -> list[bool]:
+    """For each read of the queries' rows in backward (one per block of rows a kernel call takes), whether the output's
+    storage was freed by then. The output is used the way a model's output projection uses it (saved as its input,
+    which that projection's backward releases before attention's backward runs)."""
+    seen: list[StorageWeakRef] = []
+    freed: list[bool] = []
+    row_dots, to_device = attention._row_dots, offload.to_device
+
+    def recording_row_dots(grad_out: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        seen.append(StorageWeakRef(out.untyped_storage()))
+        return row_dots(grad_out, out, dtype)
+
+    def checking_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        freed.append(seen[-1].expired())
+        return to_device(x, device)
+
+    attention._row_dots, offload.to_device = recording_row_dots, checking_to_device  # type: ignore[assignment]
+    try:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 4, 32, 8, requires_grad=True) for _ in range(3))
+        projection = torch.randn(32, 32)
+        out = mqsp_attention(q * 1, k[:, :2] * 1, v[:, :2] * 1, causal=True, head_groups=head_groups)
+        loss = (out.transpose(1, 2).flatten(2) @ projection).sum()
+        del out
+        loss.backward(retain_graph=retain_graph)
+    finally:
+        attention._row_dots, offload.to_device = row_dots, to_device  # type: ignore[assignment]
+    return freed
+
+
+@pytest.mark.parametrize("head_groups", [1, 2])
+def test_the_output_is_freed_once_delta_is_made(workers, head_groups: int) -> None:
+    """The output is needed for delta = rowsum(dO * O) alone: backward lets it go before the kernels and the step
+    buffers exist (one hidden state a token less at a layer's peak), on one rank and on two; a retained graph keeps it."""
+    freed = output_freed_before_the_kernels(head_groups)
+    assert freed and all(freed)
+    for freed in workers(2).run(output_freed_before_the_kernels, head_groups):
+        assert freed and all(freed)
+    kept = output_freed_before_the_kernels(head_groups, retain_graph=True)
+    assert kept and not any(kept)
 
 
 def offloaded_query_reads(head_groups: int) -> tuple[bool, bool, list[int]]:
