@@ -44,6 +44,7 @@ from lightning_mqsp import chunked_causal_lm_cross_entropy, mqsp_attention
 from lightning_mqsp.adapters.huggingface import enable_activation_checkpointing
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layer_offload import layer_offload
+from lightning_mqsp.strategy_fsdp import make_root, shard_huggingface_model
 from lightning_mqsp.models import model_config
 from lightning_mqsp.tiling import tile_token_wise
 
@@ -262,6 +263,7 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
             if setup.recipe in _FULL_RECIPES:
                 hidden = model.base_model(input_ids=input_ids, position_ids=positions).last_hidden_state
                 loss = _ChunkedLoss(model.get_output_embeddings())(hidden, input_ids)
+                del hidden  # a training step's loss() returns the loss alone: nothing else holds the hidden states
             else:
                 loss = model(input_ids=input_ids, position_ids=positions, labels=input_ids).loss
         loss.backward()
@@ -388,19 +390,15 @@ _world_meshes: dict[int, DeviceMesh] = {}
 
 
 def _shard(model: PreTrainedModel, setup: Setup) -> None:
-    """FSDP2 over all ranks, as MQSPFSDPStrategy shards a Hugging Face model (one unit per decoder layer, the
-    output head, the base model, the model), with its bf16 mixed-precision policy under bf16-mixed."""
+    """FSDP2 over all ranks, as MQSPFSDPStrategy shards a Hugging Face model (its ``shard_huggingface_model`` and
+    ``make_root``), with its bf16 mixed-precision policy under bf16-mixed."""
     mesh = _world_meshes.get(setup.world_size) or init_device_mesh("cpu", (setup.world_size,))
     policy = MixedPrecisionPolicy()
     if setup.precision == "bf16-mixed":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=False) if setup.recipe == "host_parameters" else OffloadPolicy()
-    shard = partial(fully_shard, mesh=mesh, mp_policy=policy, offload_policy=offload)
-    for layer in [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]:
-        shard(layer)
-    shard(model.get_output_embeddings())
-    shard(model.base_model)
-    shard(model)
+    shard_huggingface_model(model, partial(fully_shard, mesh=mesh, mp_policy=policy, offload_policy=offload))
+    make_root(model)
 
 
 def comm_size(group: ProcessGroup | None) -> int:

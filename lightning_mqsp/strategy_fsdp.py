@@ -6,10 +6,10 @@ torchtitan does with context parallelism: each rank keeps 1/world of the paramet
 layer's parameters only while the layer runs. Gradients are reduce-scattered with the mean over
 the world, which, with the full-sequence loss on every rank, is exactly what DDP's all-reduce gives.
 
-Hugging Face models are sharded automatically, one unit per decoder layer (the model's
-``_no_split_modules``), the input embeddings with the base model, the output head on its own
-(so that a loss computed from the hidden states, :func:`~lightning_mqsp.chunked_cross_entropy`,
-can call it), and the model itself. A LightningModule whose ``configure_model`` shards its model
+Hugging Face models are sharded automatically (:func:`shard_huggingface_model`): one unit per decoder layer (the
+model's ``_no_split_modules``), the input embeddings and the output head each on their own (so that a loss computed
+from the hidden states, :func:`~lightning_mqsp.chunked_cross_entropy`, can call the head), the base model and the
+model itself, which is made the root of them all. A LightningModule whose ``configure_model`` shards its model
 itself is left as it is. With ``offload_parameters`` the shards, their gradients and the optimizer
 state live in host memory (FSDP2 ``CPUOffloadPolicy``), as ZeRO-3's offload does for ALST on one GPU.
 """
@@ -17,7 +17,7 @@ state live in host memory (FSDP2 ``CPUOffloadPolicy``), as ZeRO-3's offload does
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from transformers import PreTrainedModel
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from typing_extensions import override
@@ -111,6 +112,7 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         )
         self.mixed_precision = mixed_precision
         self.offload_parameters = offload_parameters
+        self._sharded_models: list[nn.Module] = []
 
     @override
     def setup_environment(self) -> None:
@@ -138,6 +140,8 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
             _buffers_to_device(self.model, self.root_device)
         else:
             self.model_to_device()
+        for model in self._sharded_models:  # their parameters are final now
+            make_root(model)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -161,15 +165,8 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
         offload = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu") if self.offload_parameters else OffloadPolicy()
         shard = partial(fully_shard, mesh=world, mp_policy=policy, offload_policy=offload)
         for model in models:
-            layer_classes = set(getattr(model, "_no_split_modules", None) or ())
-            for layer in [m for m in model.modules() if type(m).__name__ in layer_classes]:
-                shard(layer)
-            head = model.get_output_embeddings()
-            if isinstance(head, nn.Module) and not _shares_parameters(head, model.get_input_embeddings()):
-                shard(head)
-            if model.base_model is not model:
-                shard(model.base_model)
-            shard(model)
+            shard_huggingface_model(model, shard)
+        self._sharded_models = list(models)
         sharded = {id(p) for m in module.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
         left = [name for name, p in module.named_parameters() if id(p) not in sharded]
         if left:
@@ -177,6 +174,39 @@ class MQSPFSDPStrategy(SequenceParallelism, ModelParallelStrategy):
                 f"MQSPFSDPStrategy sharded the Hugging Face models, but these parameters of the LightningModule lie outside "
                 f"them: {left[:5]}{' ...' if len(left) > 5 else ''}. Shard the whole module yourself in `configure_model()`."
             )
+
+
+def shard_huggingface_model(model: PreTrainedModel, shard: Callable[[nn.Module], Any]) -> None:
+    """Apply ``shard`` (``fully_shard`` with the mesh and policies bound) to each decoder layer, the input embeddings
+    and the output head (each unless tied to the other: then both stay with the model), the base model and the model.
+
+    The embeddings are a unit of their own because a unit's parameters stay gathered from the first gradient that
+    reaches its output to the end of its backward: with the base model, that is the whole backward (1 GB of bf16
+    Llama-3 embeddings on every device); alone, the embedding's backward only, at the end. Call :func:`make_root` once
+    the parameters are final."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for layer in [m for m in model.modules() if type(m).__name__ in layer_classes]:
+        shard(layer)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(head, nn.Module) and _shares_parameters(head, embeddings)
+    for part in (embeddings, head):
+        if isinstance(part, nn.Module) and not tied and not isinstance(part, FSDPModule):
+            shard(part)
+    if model.base_model is not model:
+        shard(model.base_model)
+    shard(model)
+
+
+def make_root(model: nn.Module) -> None:
+    """Make the sharded ``model`` the root of its units now, as FSDP2 would at its first forward.
+
+    FSDP2 takes the first unit that runs forward for the root. A training step that calls the base model and then the
+    output head (the chunked loss: ``model.model(...)``, then ``model.lm_head``) would make each a root of its own;
+    the head's units then share no state with the layers', and its float32 gradient buffer (4 bytes a parameter: 2.1
+    GB for Llama-3's head) is kept through the whole backward instead of until the next layer's reduce-scatter, and a
+    root keeps its parameters gathered after forward. FSDP2 has no public call for this: this runs its own lazy
+    initialisation (private, present from torch 2.11 on), which the first forward would run and then skips."""
+    model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
 
 
 def _buffers_to_device(module: nn.Module, device: torch.device) -> None:
