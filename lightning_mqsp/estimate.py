@@ -44,8 +44,8 @@ from lightning_mqsp import chunked_causal_lm_cross_entropy, mqsp_attention
 from lightning_mqsp.adapters.huggingface import enable_activation_checkpointing
 from lightning_mqsp.comm import ProcessGroup
 from lightning_mqsp.layer_offload import layer_offload
-from lightning_mqsp.strategy_fsdp import make_root, shard_huggingface_model
 from lightning_mqsp.models import model_config
+from lightning_mqsp.strategy_fsdp import make_root, shard_huggingface_model
 from lightning_mqsp.tiling import tile_token_wise
 
 GB = 10**9

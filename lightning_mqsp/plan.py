@@ -29,7 +29,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from lightning_mqsp.adapters.huggingface import absolute_position_limit
-from lightning_mqsp.attention import communication_bytes
+from lightning_mqsp.attention import backward_row_width, communication_bytes
 from lightning_mqsp.estimate import ESTIMATE_GATHERED_ROWS, LOSS_CHUNK, MLP_TILE, RECIPE_LABELS, RECIPES, new_model
 from lightning_mqsp.layer_offload import decoder_layers
 from lightning_mqsp.models import MODELS, model_config
@@ -120,11 +120,21 @@ def load_config(model: str) -> tuple[str, PretrainedConfig]:
 #   12). A layer keeps, without checkpointing, its activations (sharded, bf16: 16h + 4q + 4kv + 8i + 2D + 8; DDP under
 #   autocast, float32 residuals: 25h + 4.5q + 8.5kv + 7.75i + 10D + 4, and the bf16 copy of its weights, 2p), and with
 #   checkpointing its bf16 input hidden states (2h). DDP also keeps the head's bf16 weights (2Vh).
-# - The full recipes: in the first attention backward (the last layer's), the loss done in chunks: AdamW's states and
-#   the embeddings' gradient shards (none on the device with offload_parameters), the gathered bf16 layer and head
-#   (2p + 2Vh), the micro-step's buffers (ATTENTION_STEP_BYTES a gathered query element), and a token's last hidden
-#   states, the float32 gradient flowing back, the norm's float32 input (16h) and the rotary tables and positions
-#   (14D + 16); 2(q + kv) more with query and key norms (Qwen3). Each layer whose checkpoint stays on the device adds 2h.
+# - The full recipes: in the backward of the last layer (or, where the head is small, of any layer), the loss done in
+#   chunks: AdamW's states and the embeddings' gradient shards (none on the device with offload_parameters); the
+#   layer's and the next layer's gathered bf16 parameters (FSDP2 prefetches one), with the float32 gradient buffer
+#   FSDP2 keeps until the next reduce-scatter (the previous layer's, 4p, or in the last layer the untied head's, 4Vh; a
+#   tied head stays gathered with the model, 2Vh, beside the previous layer's); and the larger of two moments, with
+#   2(q + kv) more a token where queries and keys have norms (Qwen3), 2h a token for each layer whose checkpoint stays
+#   on the device, and 6D + 16 for the rotary tables and positions:
+#   - the MLP's backward (the peak of models with few key/value heads): the layer's input and the next layer's
+#     (prefetched from the host), the gradient flowing back, the two norms' outputs, the attention's input to the MLP's
+#     residual, the tiles' input gradients and the attention output, keys and values kept for attention's backward
+#     (14h + 2q + 4kv a token), and the MLP's unsharded bf16 weight gradients (6hi) and a tile's temporaries
+#     (8 MLP_TILE i);
+#   - the attention's backward: the inputs and the gradient as above, the first norm's output, the output gradient and
+#     dQ, keys, values and their gradients, and one key/value head's float32 dK and dV, the row statistics and delta
+#     (8h + 4q + 8kv + 8D + 12H a token), and the micro-step's buffers (:func:`attention_step_bytes`).
 #   On shorter sequences they peak in the loss instead: a chunk's float32 logits, softmax and gradient (LOSS_CHUNK_BYTES
 #   a chunk token and vocabulary entry) next to the hidden states (4h + 3D a token).
 # - Every recipe, on short sequences: at the optimizer step, with every float32 gradient and AdamW's temporaries for
@@ -133,12 +143,13 @@ def load_config(model: str) -> tuple[str, PretrainedConfig]:
 # Each term is the fake-tensor estimator's (lightning_mqsp.estimate) to the byte on Llama-3.1-8B's shape at P = 8
 # (tests/test_plan.py checks points of it and of others).
 
-#: Bytes a micro-step of the attention's backward holds per gathered query element (queries and output gradients
-#: with their prefetched successors, float32 partial dQ, the row statistics), fitted to the fake-tensor estimator.
-ATTENTION_STEP_BYTES = 44.3
-#: On one rank nothing is exchanged: fewer step buffers, and a key/value group's float32 dQ and its queries a token
-#: (6 bytes a query element of one group) instead.
-ATTENTION_STEP_BYTES_ONE_RANK = 29.8
+def attention_step_bytes(heads: int, head_dim: int) -> int:
+    """Bytes a micro-step of the attention's backward holds per gathered row (the fake-tensor estimator's): the rows of
+    queries, output gradients and statistics in bf16 with their prefetched successor, and a float32 partial dQ, of every
+    head (a head group's step takes as many more rows as it has fewer heads)."""
+    return heads * (2 * 2 * backward_row_width(head_dim, torch.bfloat16) + 4 * head_dim)
+
+
 #: Bytes the chunked loss holds per chunk token per vocabulary entry (float32 logits, their softmax and gradient).
 LOSS_CHUNK_BYTES = 14.05
 
@@ -175,15 +186,18 @@ def device_bytes(shape: ModelShape, point: Point) -> int:
     optimizer_step = (16 * n + 8 * V * h) // shards
     if recipe in OFFLOADING_RECIPES:
         states = 0 if recipe == "host_parameters" else 12 * n // p
-        gathered = 2 * (shape.layer_parameters + V * h)
-        kept = (d - _offloaded(shape, point)) * 2 * h
-        step_bytes = ATTENTION_STEP_BYTES if p > 1 else ATTENTION_STEP_BYTES_ONE_RANK
-        step = step_bytes * min(point.length, ESTIMATE_GATHERED_ROWS) * point.batch * q
-        per_token = 16 * h + 14 * D + 16 + (2 * (q + kv) if shape.qk_norm else 0) + (6 * q // shape.kv_heads if p == 1 else 0)
         embedding_gradients = 4 * shape.embedding_parameters // p if recipe == "full" else 0
-        attention_backward = states + embedding_gradients + gathered + step + t * (per_token + kept)
-        loss_chunk = states + gathered + LOSS_CHUNK_BYTES * LOSS_CHUNK * V + t * (4 * h + 3 * D + kept)
-        moments = [attention_backward, loss_chunk] + ([optimizer_step] if recipe == "full" else [])
+        layer = 2 * shape.layer_parameters
+        tied = shape.embedding_parameters == V * h
+        buffers = 2 * layer + (2 * V * h + 2 * layer if tied else max(4 * V * h, 2 * layer))
+        fixed = states + embedding_gradients + buffers
+        kept = (d - _offloaded(shape, point)) * 2 * h
+        per_token = 6 * D + 16 + (2 * (q + kv) if shape.qk_norm else 0) + kept
+        mlp_backward = fixed + 6 * h * i + 8 * MLP_TILE * i + t * (14 * h + 2 * q + 4 * kv + per_token)
+        step = attention_step_bytes(shape.heads, D) * min(point.length, ESTIMATE_GATHERED_ROWS) * point.batch
+        attention_backward = fixed + step + t * (8 * h + 4 * q + 8 * kv + 8 * D + 12 * shape.heads + per_token)
+        loss_chunk = states + 2 * V * h + LOSS_CHUNK_BYTES * LOSS_CHUNK * V + t * (4 * h + 3 * D + kept)
+        moments = [mlp_backward, attention_backward, loss_chunk] + ([optimizer_step] if recipe == "full" else [])
         return int(max(moments))
     loss = 12 * V + 8 * h + 4 * D + 12
     if recipe == "ddp":
@@ -408,7 +422,7 @@ def assumptions(shape: ModelShape, hardware: Hardware, batch: int, causal: bool)
         f"budgets per rank: device {budget.device_bytes / GB:.1f} GB of live tensors (kernel workspaces, the CUDA context "
         f"and fragmentation not counted), host {budget.host_bytes / GB:.1f} GB ({hardware.host_memory_gb_per_node:g} GB a "
         f"node over {min(hardware.gpus, hardware.gpus_per_node)} ranks)",
-        "memory: the analytic model of docs/scaling.md (\"The planner\"), within 1.3% of the fake-tensor estimator at the "
+        "memory: the analytic model of docs/scaling.md (\"The planner\"), within 1.8% of the fake-tensor estimator at the "
         "points checked on Llama-3.1-8B's shape near the budgets; less sure elsewhere, listed there (--verify runs it)",
         f"full recipes: checkpoints offloaded for the fewest layers that fit the device, loss chunks and MLP tiles of "
         f"{LOSS_CHUNK} and {MLP_TILE} tokens, attention's backward one key/value head at a time",

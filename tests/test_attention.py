@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from packaging.version import Version
-from torch.multiprocessing.reductions import StorageWeakRef
 from reference import dense_attention, dropout_reference, relative_error, sdpa_reference
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from lightning_mqsp import attention, comm, count_communication, mqsp_attention, offload, shard_sequence
 from lightning_mqsp.attention import DEVICE_STEP_BYTES, _Route, _route, auto_micro_q_size, communication_bytes, step_bytes_per_gathered_row

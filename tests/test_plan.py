@@ -28,6 +28,7 @@ def shape(name: str) -> ModelShape:
     ("llama-8b", "sharded", 8, 65536),
     ("mistral-7b", "ddp", 4, 16384),
     ("qwen3-8b", "checkpointed", 2, 32768),
+    ("llama-8b", "full", 8, 524288),  # the MLP's backward moment, with the head's float32 gradient buffer
 ])
 def test_the_analytic_memory_matches_the_fake_estimate(model: str, recipe: str, world_size: int, length: int) -> None:
     """Full depth extrapolated from fake runs of 3 and 4 layers, as the estimator's own searches do (checked against
