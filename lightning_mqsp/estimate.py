@@ -114,6 +114,8 @@ class Setup:
     #: The full recipes: how many decoder layers, the first ones, keep their checkpoints in host memory (None: all),
     #: as the strategies' ``offload_activation_layers``.
     offload_layers: int | None = None
+    #: The full recipes: the strategies' ``offload_prefetch`` (the next layer's checkpoint brought back ahead).
+    offload_prefetch: bool = True
 
     @property
     def local_length(self) -> int:
@@ -249,11 +251,11 @@ def measure_training_step(setup: Setup, group: ProcessGroup | None = None) -> St
     saved_tensors: Any = nullcontext()
     if setup.recipe in _FULL_RECIPES:  # the strategies' offload_activations (and offload_activation_layers)
         if setup.offload_layers is None:
-            saved_tensors = lightning_mqsp.offload.offloaded_saved_tensors()
+            saved_tensors = lightning_mqsp.offload.offloaded_saved_tensors(prefetch=setup.offload_prefetch)
         else:
             selected = layer_offload([model], setup.offload_layers)
             selected.attach()
-            saved_tensors = selected.saved_tensors()
+            saved_tensors = selected.saved_tensors(prefetch=setup.offload_prefetch)
 
     host = _HostMemory()
     tracker = _DeviceMemTracker(model, parameters_on_host=setup.recipe == "host_parameters", host=host)

@@ -89,11 +89,12 @@ class LayerOffload:
         self._layer = layer
 
     @contextmanager
-    def saved_tensors(self) -> Iterator[None]:
-        """Around a training step's forward: offload the first layers' saves through :mod:`lightning_mqsp.offload`."""
+    def saved_tensors(self, prefetch: bool = True) -> Iterator[None]:
+        """Around a training step's forward: offload the first layers' saves through :mod:`lightning_mqsp.offload`
+        (``prefetch``: see :func:`~lightning_mqsp.offload.offloaded_saved_tensors`)."""
 
         self._layer = 0  # backward's recomputation ran the layers' hooks again
-        with offload.offloaded_saved_tensors(lambda: self.offloading):
+        with offload.offloaded_saved_tensors(lambda: self.offloading, prefetch):
             yield
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_mqsp import comm
+from lightning_mqsp import comm, offload
 from lightning_mqsp.adapters import active_context
 from lightning_mqsp.backends.triton import triton_input_error
 from lightning_mqsp.comm import ProcessGroup
@@ -203,14 +203,18 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     flat_hidden, flat_labels = hidden_states.flatten(0, -2), labels.flatten()
     count = (flat_labels != ignore_index).sum()
-    if _loss_kernel(kernel, hidden_states, head, flat_labels.numel(), chunk_size) == "liger":
-        assert isinstance(head, nn.Linear)
-        return _full_sequence_mean(_fused_loss_sum(head, flat_hidden, flat_labels, ignore_index), count, group)
-    total = hidden_states.new_zeros((), dtype=torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
-    for start in range(0, flat_labels.numel(), chunk_size):
-        chunk = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_loss_sum, head, flat_hidden[chunk], flat_labels[chunk], ignore_index, use_reentrant=False)
-    return _full_sequence_mean(total, count, group)
+    # With offload_activations, what the loss saves stays on the device: backward needs it first, so offloaded it would
+    # come straight back, and at the end of forward it was a hidden state a token more on the host, at the host's peak.
+    with offload.kept_on_device():
+        if _loss_kernel(kernel, hidden_states, head, flat_labels.numel(), chunk_size) == "liger":
+            assert isinstance(head, nn.Linear)
+            return _full_sequence_mean(_fused_loss_sum(head, flat_hidden, flat_labels, ignore_index), count, group)
+        total = hidden_states.new_zeros((), dtype=torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
+        for start in range(0, flat_labels.numel(), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            total = total + checkpoint(_chunk_loss_sum, head, flat_hidden[chunk], flat_labels[chunk], ignore_index,
+                                       use_reentrant=False)
+        return _full_sequence_mean(total, count, group)
 
 
 def chunked_causal_lm_cross_entropy(

@@ -27,8 +27,8 @@ a GPU.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -195,19 +195,38 @@ class _Saved:
         return copy
 
 
-def offloaded_saved_tensors(offloading: Callable[[], bool] | None = None) -> AbstractContextManager:
+_kept_on_device = 0  # > 0 inside kept_on_device()
+
+
+@contextmanager
+def kept_on_device() -> Iterator[None]:
+    """What is saved for backward inside stays on the device, offloaded or not outside: for tensors backward needs
+    first, which would come straight back (the loss's inputs: offloaded, they were one hidden state a token more on
+    the host at the end of forward, the host's peak)."""
+    global _kept_on_device
+    _kept_on_device += 1
+    try:
+        yield
+    finally:
+        _kept_on_device -= 1
+
+
+def offloaded_saved_tensors(offloading: Callable[[], bool] | None = None, prefetch: bool = True) -> AbstractContextManager:
     """Saved-tensor hooks that keep what forward saves for backward in host memory until backward unpacks it (while
-    ``offloading()`` says so, when given: ``offload_activation_layers`` offloads only the first layers' saves).
+    ``offloading()`` says so, when given: ``offload_activation_layers`` offloads only the first layers' saves; never
+    inside :func:`kept_on_device`).
 
     Unlike ``torch.autograd.graph.save_on_cpu``, a tensor already in host memory is kept as it is (no second
-    pinned copy, no host read of a copy in flight), the copies are ordered by events, not by a host sync, and
-    unpacking a tensor starts bringing back the tensors saved before it, up to as many bytes (backward unpacks in
-    about the reverse order of saving: with activation checkpointing, the next layer's input while this layer is
-    recomputed and differentiated)."""
+    pinned copy, no host read of a copy in flight), the copies are ordered by events, not by a host sync, and with
+    ``prefetch`` unpacking a tensor starts bringing back the tensors saved before it, up to as many bytes (backward
+    unpacks in about the reverse order of saving: with activation checkpointing, the next layer's input while this
+    layer is recomputed and differentiated). The prefetched tensor is on the device through that layer's backward,
+    one checkpoint (a hidden state a token) at its peak; without ``prefetch`` each copy back starts when backward
+    needs it, and waits."""
     saved: list[weakref.ref[_Saved]] = []  # in the order of saving; dead once backward has released a tensor
 
     def pack(tensor: Tensor) -> Tensor | _Saved:
-        if offloading is not None and not offloading():
+        if _kept_on_device or (offloading is not None and not offloading()):
             return tensor
         host = to_host(tensor)
         if host is tensor:  # in host memory already: its reads are ordered where they happen (to_device)
@@ -220,7 +239,8 @@ def offloaded_saved_tensors(offloading: Callable[[], bool] | None = None) -> Abs
         if isinstance(packed, Tensor):
             return packed
         tensor = packed.take()
-        _prefetch(saved, packed.index, packed.nbytes)
+        if prefetch:
+            _prefetch(saved, packed.index, packed.nbytes)
         return tensor
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)

@@ -68,6 +68,7 @@ class SequenceParallelism(ParallelStrategy):
         attention_head_groups: int,
         predict_outputs: PredictOutputs,
         offload_activation_layers: OffloadLayers = None,
+        offload_prefetch: bool = True,
     ) -> None:
         check_layout(layout)
         if predict_outputs not in PREDICT_OUTPUTS:
@@ -99,6 +100,9 @@ class SequenceParallelism(ParallelStrategy):
         self.offload_activations = offload_activations
         check_offload_layers(offload_activation_layers, offload_activations)
         self.offload_activation_layers = offload_activation_layers
+        if not isinstance(offload_prefetch, bool):
+            raise ValueError(f"offload_prefetch must be True or False, got {offload_prefetch!r}.")
+        self.offload_prefetch = offload_prefetch
         self._layer_offload: LayerOffload | None = None
         self.mlp_tile_size = mlp_tile_size
         self._device_mesh: DeviceMesh | None = None
@@ -287,9 +291,9 @@ class SequenceParallelism(ParallelStrategy):
         with ExitStack() as stack:
             stack.enter_context(self._sequence_parallel_step("training_step"))
             if self._layer_offload is not None:  # the first layers' checkpoints go to host memory
-                stack.enter_context(self._layer_offload.saved_tensors())
+                stack.enter_context(self._layer_offload.saved_tensors(prefetch=self.offload_prefetch))
             elif self.offload_activations:  # what the forward saves for backward goes to host memory
-                stack.enter_context(offload.offloaded_saved_tensors())
+                stack.enter_context(offload.offloaded_saved_tensors(prefetch=self.offload_prefetch))
             return super().training_step(*args, **kwargs)
 
     @override

@@ -64,6 +64,10 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
             number of decoder layers (int >= 0) or a fraction of them (float in (0, 1], rounded up); the others stay on
             the device, so the host holds only what the device cannot (:mod:`lightning_mqsp.layer_offload`;
             ``lightning-mqsp plan`` chooses it). None (default): every layer's.
+        offload_prefetch: with ``offload_activations``, start bringing back the next layer's checkpoint while a layer's
+            backward runs (default), which hides the copy but holds one more hidden state a token on the device at the
+            layer's peak; False: each copy back starts when backward needs it and waits (at the lengths offload is for,
+            a fraction of a percent of a step). ``lightning-mqsp plan`` turns it off only where the memory needs it.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -86,11 +90,12 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         attention_head_groups: int = 1,
         predict_outputs: PredictOutputs = "shard",
         offload_activation_layers: int | float | None = None,
+        offload_prefetch: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
-            attention_head_groups, predict_outputs, offload_activation_layers,
+            attention_head_groups, predict_outputs, offload_activation_layers, offload_prefetch,
         )

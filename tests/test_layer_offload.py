@@ -106,3 +106,11 @@ def test_the_strategies_need_offload_activations_for_it(strategy: type) -> None:
     with pytest.raises(ValueError, match="needs offload_activations=True"):
         strategy(offload_activation_layers=4)
     assert strategy(offload_activations=True, offload_activation_layers=0.5).offload_activation_layers == 0.5
+
+
+@pytest.mark.parametrize("strategy", [MQSPStrategy, MQSPFSDPStrategy])
+def test_the_strategies_take_offload_prefetch_as_a_bool(strategy: type) -> None:
+    assert strategy(offload_activations=True).offload_prefetch is True
+    assert strategy(offload_activations=True, offload_prefetch=False).offload_prefetch is False
+    with pytest.raises(ValueError, match="offload_prefetch must be True or False"):
+        strategy(offload_activations=True, offload_prefetch="no")

@@ -19,7 +19,7 @@ from reference import relative_error
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lightning_mqsp import mqsp_attention, offload
+from lightning_mqsp import chunked_cross_entropy, mqsp_attention, offload
 
 
 class _LateCopy:
@@ -181,17 +181,19 @@ def test_to_device_orders_reads_on_the_device_and_on_the_host() -> None:
         torch.testing.assert_close(later, source * 2)
 
 
-def test_backward_brings_the_next_layers_input_back_while_this_layer_runs() -> None:
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_backward_brings_the_next_layers_input_back_while_this_layer_runs(prefetch: bool) -> None:
     """Under activation checkpointing forward saves each layer's input; backward recomputes the layers last to first.
     Unpacking a layer's input starts the copy back of the one before it, so it is on its way while this layer is
-    recomputed and differentiated: the gradients are exact, and every copy back but the first starts a layer early."""
+    recomputed and differentiated: the gradients are exact, and every copy back but the first starts a layer early.
+    Without prefetch each copy back starts when its layer asks for it (one checkpoint less on the device)."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(8, 8) for _ in range(3)]
     x = torch.randn(4, 8)
 
     def gradients(offloaded: bool) -> list[Tensor]:
         inputs = x.clone().requires_grad_()
-        with offload.offloaded_saved_tensors() if offloaded else nullcontext():
+        with offload.offloaded_saved_tensors(prefetch=prefetch) if offloaded else nullcontext():
             y = inputs * 1
             for layer in layers:
                 y = checkpoint(lambda t, layer=layer: layer(t).tanh(), y, use_reentrant=False)
@@ -208,4 +210,34 @@ def test_backward_brings_the_next_layers_input_back_while_this_layer_runs() -> N
         actual = gradients(offloaded=True)
     assert all(torch.equal(a, e) for a, e in zip(actual, expected))
     forward = ["layer 0", "layer 1", "layer 2"]
-    assert engine.log == [*forward, "bring", "bring", "layer 2", "bring", "layer 1", "layer 0"]
+    if prefetch:
+        assert engine.log == [*forward, "bring", "bring", "layer 2", "bring", "layer 1", "layer 0"]
+    else:
+        assert engine.log == [*forward, "bring", "layer 2", "bring", "layer 1", "bring", "layer 0"]
+
+
+def test_what_is_saved_inside_kept_on_device_stays_there() -> None:
+    """The chunked loss's inputs, which backward needs first, stay on the device under offload_activations: no copy
+    is made of them, and the gradients are exact."""
+    torch.manual_seed(0)
+    hidden, head = torch.randn(16, 8), torch.nn.Linear(8, 11)
+    labels = torch.randint(0, 11, (16,))
+
+    def gradients(offloaded: bool) -> tuple[list[Tensor], int]:
+        inputs = hidden.clone().requires_grad_()
+        copies = []
+        to_host = offload.to_host
+        offload.to_host = lambda t: copies.append(t) or to_host(t)  # type: ignore[assignment]
+        try:
+            with offload.offloaded_saved_tensors() if offloaded else nullcontext():
+                loss = chunked_cross_entropy(inputs * 1, head, labels, chunk_size=4)
+        finally:
+            offload.to_host = to_host  # type: ignore[assignment]
+        loss.backward()
+        grads = [inputs.grad, *(p.grad.clone() for p in head.parameters())]
+        head.zero_grad()
+        return grads, len(copies)
+
+    expected, _ = gradients(offloaded=False)
+    actual, copies = gradients(offloaded=True)
+    assert copies == 0 and all(torch.equal(a, e) for a, e in zip(actual, expected))
