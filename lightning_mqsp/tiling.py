@@ -22,19 +22,28 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
-def tile_sequence(module: nn.Module, tile_size: int, dim: int = 1) -> Callable[[], None]:
-    """Run ``module`` (token-wise along ``dim`` of its first argument) over tiles of ``tile_size`` tokens; return the undo."""
-    if not (isinstance(tile_size, int) and tile_size >= 1):
-        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}.")
-    untiled = module.forward
+def _tiled(function: Callable[..., Tensor], tile_size: int, dim: int) -> Callable[..., Tensor]:
+    """``function`` (token-wise along ``dim`` of its first argument) over tiles of ``tile_size`` tokens, each checkpointed."""
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if hidden_states.size(dim) <= tile_size:
-            return untiled(hidden_states, *args, **kwargs)
-        tiles = [checkpoint(untiled, tile, *args, use_reentrant=False, **kwargs) for tile in hidden_states.split(tile_size, dim)]
+            return function(hidden_states, *args, **kwargs)
+        tiles = [checkpoint(function, tile, *args, use_reentrant=False, **kwargs) for tile in hidden_states.split(tile_size, dim)]
         return torch.cat(tiles, dim=dim)
 
-    module.forward = forward
+    return forward
+
+
+def _check_tile_size(tile_size: int) -> None:
+    if not (isinstance(tile_size, int) and tile_size >= 1):
+        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}.")
+
+
+def tile_sequence(module: nn.Module, tile_size: int, dim: int = 1) -> Callable[[], None]:
+    """Run ``module`` (token-wise along ``dim`` of its first argument) over tiles of ``tile_size`` tokens; return the undo."""
+    _check_tile_size(tile_size)
+    untiled = module.forward
+    module.forward = _tiled(untiled, tile_size, dim)
 
     def undo() -> None:
         module.forward = untiled
@@ -42,11 +51,49 @@ def tile_sequence(module: nn.Module, tile_size: int, dim: int = 1) -> Callable[[
     return undo
 
 
+def fuse_norm_into(norm: nn.Module, consumers: list[nn.Module], tile_size: int) -> Callable[[], None]:
+    """Make ``norm`` pass its input through and each of ``consumers`` normalise its tiles itself (``consumer(norm(x))``,
+    tiled); return the undo. Only for a norm whose output feeds ``consumers`` and nothing else.
+
+    Apart, the norm's output exists for the whole shard and its consumers keep it for backward (an MLP's tiles, or the
+    attention's query, key and value projections), and in a checkpointed layer's recomputation it exists again: one
+    hidden state a token through the layer's backward, where the full recipe peaks. Fused, only the norm's input is
+    kept, which the residual stream keeps anyway, and the norm is recomputed a tile at a time with each consumer (a
+    norm is a few elementwise passes: cheap beside the matmuls it feeds)."""
+    _check_tile_size(tile_size)
+    norm_forward = norm.forward
+    consumer_forwards = [consumer.forward for consumer in consumers]
+    norm.forward = lambda hidden_states: hidden_states
+    for consumer, consumer_forward in zip(consumers, consumer_forwards):
+        consumer.forward = _tiled(lambda hidden_states, f=consumer_forward: f(norm_forward(hidden_states)), tile_size, dim=1)
+
+    def undo() -> None:
+        norm.forward = norm_forward
+        for consumer, consumer_forward in zip(consumers, consumer_forwards):
+            consumer.forward = consumer_forward
+
+    return undo
+
+
 #: Class-name endings of the token-wise modules :func:`tile_token_wise` tiles: MLPs (LlamaMLP, MistralMLP, GPT2MLP, ...)
 #: and normalisation layers (LlamaRMSNorm, torch's LayerNorm, T5LayerNorm, ...), which normalise each token on its own.
 TOKEN_WISE = ("MLP", "RMSNorm", "LayerNorm")
+#: Decoder layers whose ``input_layernorm`` feeds the attention's query, key and value projections and nothing else, and
+#: whose ``post_attention_layernorm`` feeds their ``mlp`` and nothing else (checked in their sources by
+#: ``tests/test_tiling.py``): :func:`tile_token_wise` fuses each norm into what it feeds (:func:`fuse_norm_into`).
+NORMS_FEED_PROJECTIONS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
 def tile_token_wise(model: nn.Module, tile_size: int) -> list[Callable[[], None]]:
-    """Tile every MLP and normalisation layer of ``model`` (class names ending with one of ``TOKEN_WISE``); return the undos."""
-    return [tile_sequence(module, tile_size) for module in model.modules() if type(module).__name__.endswith(TOKEN_WISE)]
+    """Tile every MLP and normalisation layer of ``model`` (class names ending with one of ``TOKEN_WISE``), each norm
+    fused into what it feeds in the layers of ``NORMS_FEED_PROJECTIONS``; return the undos."""
+    undos, fused = [], set()
+    for layer in model.modules():
+        if any(cls.__name__ in NORMS_FEED_PROJECTIONS for cls in type(layer).__mro__):  # FSDP2 subclasses the layer's class
+            attention = layer.self_attn
+            projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+            undos.append(fuse_norm_into(layer.input_layernorm, projections, tile_size))
+            undos.append(fuse_norm_into(layer.post_attention_layernorm, [layer.mlp], tile_size))
+            fused |= {layer.input_layernorm, layer.post_attention_layernorm, layer.mlp}
+    tiled = [m for m in model.modules() if type(m).__name__.endswith(TOKEN_WISE) and m not in fused]
+    return undos + [tile_sequence(module, tile_size) for module in tiled]

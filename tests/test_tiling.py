@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
+
+import pytest
 import torch
+from hf_families import FAMILIES, VOCAB
 from reference import relative_error
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
 
-from lightning_mqsp.tiling import tile_sequence, tile_token_wise
+from lightning_mqsp.tiling import NORMS_FEED_PROJECTIONS, tile_sequence, tile_token_wise
 
 
 def _mlp() -> LlamaMLP:
@@ -54,13 +60,70 @@ def test_tiles_keep_one_intermediate_at_a_time() -> None:
     assert peak(None) - peak(256) >= 2 * intermediate, (peak(None), peak(256))
 
 
-def test_tiles_every_mlp_and_norm_of_a_layer() -> None:
+def _tiled_forwards(module: torch.nn.Module) -> list[str]:
+    return sorted(type(m).__name__ for m in module.modules() if m.forward.__qualname__.endswith("_tiled.<locals>.forward"))
+
+
+def test_tiles_every_mlp_and_norm_and_fuses_a_decoder_layers_norms_into_what_they_feed() -> None:
+    """A Llama decoder layer: each norm passes its input through and the modules it feeds (the query, key and value
+    projections; the MLP) normalise their tiles; any other MLP or norm is tiled on its own."""
     layer = LlamaDecoderLayer(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4), layer_idx=0)
-    tiled = {type(m).__name__ for m in layer.modules() if m.forward.__qualname__.endswith("tile_sequence.<locals>.forward")}
-    assert not tiled
-    assert len(tile_token_wise(layer, 8)) == 3  # the MLP and both RMSNorms
-    tiled = [type(m).__name__ for m in layer.modules() if m.forward.__qualname__.endswith("tile_sequence.<locals>.forward")]
-    assert sorted(tiled) == ["LlamaMLP", "LlamaRMSNorm", "LlamaRMSNorm"]
+    assert not _tiled_forwards(layer)
+    assert len(tile_token_wise(layer, 8)) == 2  # the two fused norms
+    assert _tiled_forwards(layer) == ["Linear", "Linear", "Linear", "LlamaMLP"]
+    x = torch.randn(1, 8, 32)
+    assert torch.equal(layer.input_layernorm(x), x) and torch.equal(layer.post_attention_layernorm(x), x)
+    other = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64))
+    norm = LlamaRMSNorm(32)
+    assert len(tile_token_wise(torch.nn.ModuleList([other, norm]), 8)) == 2
+    assert _tiled_forwards(torch.nn.ModuleList([other, norm])) == ["LlamaMLP", "LlamaRMSNorm"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_fused_decoder_layers_compute_the_same_function(family: str) -> None:
+    """The whole model, its norms fused into what they feed and tiled, against itself untiled: logits, the input
+    embeddings' gradient and every parameter's (the norms' weights now get theirs through each tile)."""
+    model = FAMILIES[family].build()
+    ids = torch.randint(3, VOCAB, (2, 37), generator=torch.Generator().manual_seed(1))  # 37 tokens: 5 tiles, the last ragged
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = run()
+    undos = tile_token_wise(model, 8)
+    tiled, layers = _tiled_forwards(model), model.config.num_hidden_layers
+    assert tiled.count("Linear") == 3 * layers and sum(name.endswith("MLP") for name in tiled) == layers  # q, k, v, MLP
+    actual = run()
+    assert relative_error(actual[0], expected[0]) <= 1e-6
+    for name, grad in expected[1].items():
+        assert relative_error(actual[1][name], grad) <= 1e-5, name
+    for undo in undos:
+        undo()
+    assert torch.equal(run()[0], expected[0])
+
+
+@pytest.mark.parametrize("name", NORMS_FEED_PROJECTIONS)
+def test_the_fused_layers_norms_feed_only_what_they_are_fused_into(name: str) -> None:
+    """The fusion rests on each layer's source: the first norm's output goes to the attention alone, which uses it for
+    its query, key and value projections alone; the second norm's output goes to the MLP alone. A transformers
+    release that changes this fails here, not silently in training."""
+    family = name.removesuffix("DecoderLayer").lower()
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    layer = inspect.getsource(getattr(modeling, name).forward)
+    assert re.search(r"hidden_states = self\.input_layernorm\(hidden_states\)\s+# Self Attention\s+hidden_states, _ = "
+                     r"self\.self_attn\(\s*hidden_states=hidden_states,", layer), layer
+    assert re.search(r"hidden_states = self\.post_attention_layernorm\(hidden_states\)\s+hidden_states = self\.mlp\(hidden_states\)\s+"
+                     r"hidden_states = residual \+ hidden_states", layer), layer
+    assert layer.count("self.input_layernorm") == layer.count("self.post_attention_layernorm") == 1
+    attention = inspect.getsource(getattr(modeling, name.replace("DecoderLayer", "Attention")).forward)
+    uses = [line.strip() for line in attention.splitlines() if re.search(r"\bhidden_states\b", line)]
+    # The signature, the shape, and each of the three projections once; nothing else reads the norm's output.
+    others = [use for use in uses if use not in ("hidden_states: torch.Tensor,", "input_shape = hidden_states.shape[:-1]")]
+    assert len(others) == 3 and all(re.sub(r"self\.[qkv]_proj\(hidden_states\)", "", use).count("hidden_states") == 0
+                                    for use in others), uses
 
 
 def test_a_tiled_bf16_rmsnorm_computes_the_same_function_and_keeps_no_float32_copy() -> None:
