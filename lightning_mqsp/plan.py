@@ -163,6 +163,7 @@ class Point:
     world_size: int
     batch: int = 1
     offloaded_layers: int | None = None  # None: every layer (offloading recipes only)
+    prefetch: bool = True  # offload_prefetch: the next layer's checkpoint brought back while a layer's backward runs
 
     @property
     def tokens(self) -> int:
@@ -191,13 +192,18 @@ def device_bytes(shape: ModelShape, point: Point) -> int:
         tied = shape.embedding_parameters == V * h
         buffers = 2 * layer + (2 * V * h + 2 * layer if tied else max(4 * V * h, 2 * layer))
         fixed = states + embedding_gradients + buffers
-        kept = (d - _offloaded(shape, point)) * 2 * h
-        per_token = 6 * D + 16 + (2 * (q + kv) if shape.qk_norm else 0) + kept
-        mlp_backward = fixed + 6 * h * i + 8 * MLP_TILE * i + t * (14 * h + 2 * q + 4 * kv + per_token)
+        offloaded = _offloaded(shape, point)
+        kept = (d - offloaded) * 2 * h
+        prefetched = 2 * h if point.prefetch and offloaded else 0
+        per_token = 6 * D + 16 + (2 * (q + kv) if shape.qk_norm else 0) + kept + prefetched
+        mlp_gradients, output_gradients = 6 * h * i, 2 * q * h  # the layer's unsharded bf16 weight gradients so far
+        mlp_backward = fixed + mlp_gradients + 8 * MLP_TILE * i + t * (6 * h + 2 * q + 4 * kv + per_token)
+        fixed += mlp_gradients + output_gradients
         step = attention_step_bytes(shape.heads, D) * min(point.length, ESTIMATE_GATHERED_ROWS) * point.batch
-        attention_backward = fixed + step + t * (8 * h + 4 * q + 8 * kv + 8 * D + 12 * shape.heads + per_token)
+        attention_backward = fixed + step + t * (4 * h + 4 * q + 8 * kv + 8 * D + 12 * shape.heads + per_token)
+        rotary_backward = fixed + t * (4 * h + 8 * q + 4 * kv + per_token)
         loss_chunk = states + 2 * V * h + LOSS_CHUNK_BYTES * LOSS_CHUNK * V + t * (4 * h + 3 * D + kept)
-        moments = [mlp_backward, attention_backward, loss_chunk] + ([optimizer_step] if recipe == "full" else [])
+        moments = [mlp_backward, attention_backward, rotary_backward, loss_chunk] + ([optimizer_step] if recipe == "full" else [])
         return int(max(moments))
     loss = 12 * V + 8 * h + 4 * D + 12
     if recipe == "ddp":
@@ -210,17 +216,22 @@ def device_bytes(shape: ModelShape, point: Point) -> int:
 
 
 def host_bytes(shape: ModelShape, point: Point) -> int:
-    """Host memory one rank holds at its peak: the offloaded checkpoints (bf16, 2h a token a layer, and what follows
-    the last layer when every layer offloads), one layer's queries through its backward (2q), and with
-    ``offload_parameters`` the float32 shards and AdamW's moments (12 bytes a parameter over P; the gradient shards
-    arrive as backward frees the checkpoints)."""
+    """Host memory one rank holds at its peak: the offloaded checkpoints (bf16, 2h a token a layer), and the larger of
+    what follows the last layer at the end of forward when every layer offloads (the final norm's input, 2h; the loss
+    keeps its inputs on the device) and one layer's queries through its backward (2q); with ``offload_parameters``
+    the float32 shards and AdamW's moments (12 bytes a parameter over P) and the untied head's gradient shard (the
+    other gradient shards arrive as backward frees the checkpoints)."""
     if point.recipe not in OFFLOADING_RECIPES:
         return 0
     offloaded = _offloaded(shape, point)
-    saved = offloaded + (offloaded == shape.layers)
-    activations = point.tokens * (2 * shape.hidden * saved + 2 * shape.query_width)
-    states = 12 * shape.parameters_at(point.length) // point.world_size
-    return activations + (states if point.recipe == "host_parameters" else 0)
+    after_last = 2 * shape.hidden if offloaded == shape.layers else 0
+    activations = point.tokens * (2 * shape.hidden * offloaded + max(after_last, 2 * shape.query_width))
+    if point.recipe != "host_parameters":
+        return activations
+    # The float32 shards and AdamW's moments, and from the loss's backward on the output head's gradient shard
+    # (the other layers' arrive as backward frees their checkpoints).
+    head = shape.embedding_parameters - shape.vocab * shape.hidden if shape.embedding_parameters > shape.vocab * shape.hidden else 0
+    return activations + (12 * shape.parameters_at(point.length) + 4 * head) // point.world_size
 
 
 @dataclass(frozen=True)
@@ -241,20 +252,25 @@ def fewest_offloaded_layers(shape: ModelShape, point: Point, budget: Budget) -> 
     kept_cost = 2 * shape.hidden * point.tokens
     everything = device_bytes(shape, replace(point, offloaded_layers=0))
     needed = 0 if everything <= budget.device_bytes else math.ceil((everything - budget.device_bytes) / kept_cost)
-    if needed > shape.layers:
-        return None
-    chosen = replace(point, offloaded_layers=needed)
-    if device_bytes(shape, chosen) > budget.device_bytes:  # all of them, and what follows the last layer
-        return None
-    return needed if host_bytes(shape, chosen) <= budget.host_bytes else None
+    # One more when the prefetched checkpoint (2h a token, from the first offloaded layer on) tips it over.
+    for count in (needed, needed + 1):
+        chosen = replace(point, offloaded_layers=count)
+        if count <= shape.layers and device_bytes(shape, chosen) <= budget.device_bytes:
+            return count if host_bytes(shape, chosen) <= budget.host_bytes else None
+    return None
 
 
 def best_point(shape: ModelShape, point: Point, budget: Budget) -> Point | None:
-    """``point`` with the layers to offload chosen (offloading recipes), or None when it does not fit."""
+    """``point`` with the layers to offload chosen (offloading recipes), prefetching the checkpoints unless only
+    without it the point fits; None when it does not fit."""
     if point.recipe not in OFFLOADING_RECIPES:
         return point if fits(shape, point, budget) else None
-    offloaded = fewest_offloaded_layers(shape, point, budget)
-    return None if offloaded is None else replace(point, offloaded_layers=offloaded)
+    for prefetch in (True, False):
+        candidate = replace(point, prefetch=prefetch)
+        offloaded = fewest_offloaded_layers(shape, candidate, budget)
+        if offloaded is not None:
+            return replace(candidate, offloaded_layers=offloaded)
+    return None
 
 
 #: Longest sequence the search considers: 2^40 tokens.
@@ -341,7 +357,8 @@ def step_time(shape: ModelShape, point: Point, hardware: Hardware, causal: bool 
     previous layer (prefetch), DDP's all-reduce the backward; a collective's bytes that leave the node go at the
     inter-node rate. Offload copies (checkpoints and queries, to the host and back) run on a copy stream of their own,
     the next layer's prefetched (``lightning_mqsp/offload.py``): only what exceeds the step's compute adds;
-    offload_parameters adds the parameters' copies and the host's AdamW step."""
+    offload_parameters adds the parameters' copies and the host's AdamW step. Without prefetch the checkpoints' copies
+    back add whole."""
     recipe, t, p, d = point.recipe, point.tokens, point.world_size, shape.layers
     h, q, i = shape.hidden, shape.query_width, shape.intermediate
     checkpointed = recipe not in ("ddp", "sharded")
@@ -382,6 +399,8 @@ def step_time(shape: ModelShape, point: Point, hardware: Hardware, causal: bool 
         offloaded = _offloaded(shape, point)
         copies_s = 2 * t * (2 * h * offloaded + d * 2 * q) / (hardware.pcie_gbps * GB)
         offload_s = max(0.0, copies_s - (matmul_s + attention_s))  # hidden behind the kernels, up to their time
+        if not point.prefetch:  # each checkpoint's copy back waits for backward to ask for it
+            offload_s += t * 2 * h * offloaded / (hardware.pcie_gbps * GB)
     host_optimizer_s = 0.0
     if recipe == "host_parameters":
         offload_s += (2 * 4 * shape.parameters / p) / (hardware.pcie_gbps * GB) * 2  # shards in, twice; gradients out
@@ -464,6 +483,7 @@ def plan_rows(shape: ModelShape, hardware: Hardware, batch: int = 1, length: int
         timing = step_time(shape, point, hardware, causal)
         row |= {"length": point.length, "device_gb": device_bytes(shape, point) / GB, "host_gb": host_bytes(shape, point) / GB,
                 "offloaded_layers": _offloaded(shape, point) if recipe in OFFLOADING_RECIPES else None,
+                "offload_prefetch": point.prefetch if recipe in OFFLOADING_RECIPES else None,
                 "step_seconds": timing["seconds"], "mfu": timing["mfu"], "dominant": timing["dominant"],
                 "time_parts": timing["parts"], "micro_q_size": timing["micro_q_size"]}
         rows.append(row)
@@ -481,6 +501,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                           *("",) * 7))
             continue
         offloaded = "-" if row["offloaded_layers"] is None else str(row["offloaded_layers"])
+        if row.get("offload_prefetch") is False:
+            offloaded += ", no prefetch"
         lines.append((row["recipe"], f"{row['longest']:,}", f"{row['longest_device_only']:,}", f"{row['length']:,}",
                       f"{row['device_gb']:.1f}", f"{row['host_gb']:.1f}", offloaded, f"{row['step_seconds']:.1f}",
                       f"{100 * row['mfu']:.0f}%", row["dominant"], str(row["micro_q_size"])))
@@ -500,7 +522,8 @@ def write_config(path: Path, shape: ModelShape, row: dict[str, Any], hardware: H
     if recipe not in ("ddp", "sharded"):
         args["activation_checkpointing"] = True
     if recipe in OFFLOADING_RECIPES:
-        args |= {"offload_activations": True, "offload_activation_layers": row["offloaded_layers"], "mlp_tile_size": MLP_TILE,
+        args |= {"offload_activations": True, "offload_activation_layers": row["offloaded_layers"],
+                 "offload_prefetch": row["offload_prefetch"], "mlp_tile_size": MLP_TILE,
                  "attention_head_groups": shape.kv_heads, "offload_parameters": recipe == "host_parameters"}
     strategy = "lightning_mqsp.MQSPStrategy" if recipe == "ddp" else "lightning_mqsp.MQSPFSDPStrategy"
     preset = "llama-8b" if shape.name in ("llama-8b", "llama-3.1-8b") else None
@@ -526,7 +549,7 @@ def verify(config: PretrainedConfig, row: dict[str, Any], hardware: Hardware, ba
 
     quiet()
     setup = Setup(config, "mqsp", row["length"], hardware.gpus, batch=batch, recipe=row["recipe"], attention_backend="triton",
-                  optimizer_foreach=False)
+                  optimizer_foreach=False, offload_prefetch=row.get("offload_prefetch") is not False)
     device, host = extrapolated_memory(setup, RECIPE_PROBE_LAYERS)
     return {"device_bytes": device, "host_bytes": host}
 
@@ -577,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"recipe {args.recipe or 'none'} does not fit: nothing to write or verify (see the table)")
     if args.verify:
         assert chosen is not None
-        result["verify"] = {"recipe": chosen["recipe"], "length": chosen["length"], **verify(config, chosen, hardware, args.batch)}
+        result["verify"] = {"recipe": chosen["recipe"], "length": chosen["length"], "offload_prefetch": chosen.get("offload_prefetch"),
+                            **verify(config, chosen, hardware, args.batch)}
     if args.write_config:
         assert chosen is not None
         command = "lightning-mqsp plan " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -590,10 +614,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     if "verify" in result:
         v = result["verify"]
+        point = Point(v["recipe"], v["length"], hardware.gpus, args.batch, prefetch=v.get("offload_prefetch") is not False)
         print(f"\nverify {v['recipe']} at {v['length']:,} (every checkpoint offloaded): fake-tensor estimate device "
               f"{v['device_bytes'] / GB:.2f} GB, host {v['host_bytes'] / GB:.2f} GB; the model, the same point: device "
-              f"{device_bytes(shape, Point(v['recipe'], v['length'], hardware.gpus, args.batch)) / GB:.2f} GB, host "
-              f"{host_bytes(shape, Point(v['recipe'], v['length'], hardware.gpus, args.batch)) / GB:.2f} GB")
+              f"{device_bytes(shape, point) / GB:.2f} GB, host {host_bytes(shape, point) / GB:.2f} GB")
     if args.write_config:
         assert chosen is not None
         print(f"\nwrote {args.write_config} ({chosen['recipe']} at {chosen['length']:,} tokens)")

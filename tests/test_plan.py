@@ -53,10 +53,30 @@ def test_the_fewest_layers_offload_that_fit_the_device_and_the_host_holds_only_t
     assert chosen is not None and chosen.offloaded_layers == llama.layers - 10
     fewer = replace(chosen, offloaded_layers=chosen.offloaded_layers - 1)
     assert device_bytes(llama, chosen) <= budget.device_bytes < device_bytes(llama, fewer)
-    assert host_bytes(llama, every) - host_bytes(llama, chosen) == (10 + 1) * 2 * llama.hidden * point.tokens
-    assert plan.best_point(llama, point, replace(budget, host_bytes=host_bytes(llama, chosen) - 1)) is None
+    # the queries (2q = 2h for Llama) in backward are as large as the final norm's input at the end of forward
+    assert host_bytes(llama, every) - host_bytes(llama, chosen) == 10 * 2 * llama.hidden * point.tokens
+    # A byte less of host: prefetch given up, its 2h a token on the device hold one more layer's checkpoint instead
+    short = plan.best_point(llama, point, replace(budget, host_bytes=host_bytes(llama, chosen) - 1))
+    assert short == replace(chosen, offloaded_layers=chosen.offloaded_layers - 1, prefetch=False)
+    assert plan.best_point(llama, point, replace(budget, host_bytes=host_bytes(llama, short) - 1)) is None
     longest = plan.longest_point(llama, "full", 8, budget)
     assert longest is not None and plan.best_point(llama, replace(longest, length=longest.length + 8 * 1024), budget) is None
+
+
+def test_prefetch_is_turned_off_only_where_the_device_needs_it() -> None:
+    """The next layer's checkpoint brought back ahead costs the device 2h bytes a token; the planner gives it up only
+    when the point fits no other way, and then the copies back add to the step whole."""
+    llama = shape("llama-8b")
+    point = Point("full", 4 * 2**20, 8)
+    every = replace(point, offloaded_layers=llama.layers)
+    prefetching, waiting = device_bytes(llama, every), device_bytes(llama, replace(every, prefetch=False))
+    assert prefetching - waiting == 2 * llama.hidden * point.tokens
+    assert plan.best_point(llama, point, Budget(prefetching, 2**62)) == every
+    assert plan.best_point(llama, point, Budget(waiting, 2**62)) == replace(every, prefetch=False)
+    assert plan.best_point(llama, point, Budget(waiting - 1, 2**62)) is None
+    hardware = Hardware(gpus=8)
+    exposed = [step_time(llama, replace(every, prefetch=p), hardware)["parts"]["offload copies (exposed)"] for p in (True, False)]
+    assert exposed[1] - exposed[0] == pytest.approx(point.tokens * 2 * llama.hidden * llama.layers / (hardware.pcie_gbps * GB))
 
 
 def test_the_time_parts_follow_their_flops_and_bytes() -> None:
@@ -91,6 +111,7 @@ def test_the_command_prints_json_and_writes_a_config(tmp_path: Path, capsys: pyt
     init = written["trainer"]["strategy"]["init_args"]
     assert written["data"]["seq_len"] == best["length"] and init["sequence_parallel_size"] == 8
     assert init["offload_activation_layers"] == best["offloaded_layers"] and init["micro_q_size"] == best["micro_q_size"]
+    assert init["offload_prefetch"] == best["offload_prefetch"]
 
 
 def test_a_local_config_json_is_read_without_a_download(tmp_path: Path) -> None:
