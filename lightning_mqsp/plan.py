@@ -120,21 +120,25 @@ def load_config(model: str) -> tuple[str, PretrainedConfig]:
 #   12). A layer keeps, without checkpointing, its activations (sharded, bf16: 16h + 4q + 4kv + 8i + 2D + 8; DDP under
 #   autocast, float32 residuals: 25h + 4.5q + 8.5kv + 7.75i + 10D + 4, and the bf16 copy of its weights, 2p), and with
 #   checkpointing its bf16 input hidden states (2h). DDP also keeps the head's bf16 weights (2Vh).
-# - The full recipes: in the backward of the last layer (or, where the head is small, of any layer), the loss done in
-#   chunks: AdamW's states and the embeddings' gradient shards (none on the device with offload_parameters); the
-#   layer's and the next layer's gathered bf16 parameters (FSDP2 prefetches one), with the float32 gradient buffer
-#   FSDP2 keeps until the next reduce-scatter (the previous layer's, 4p, or in the last layer the untied head's, 4Vh; a
-#   tied head stays gathered with the model, 2Vh, beside the previous layer's); and the larger of two moments, with
-#   2(q + kv) more a token where queries and keys have norms (Qwen3), 2h a token for each layer whose checkpoint stays
-#   on the device, and 6D + 16 for the rotary tables and positions:
-#   - the MLP's backward (the peak of models with few key/value heads): the layer's input and the next layer's
-#     (prefetched from the host), the gradient flowing back, the two norms' outputs, the attention's input to the MLP's
-#     residual, the tiles' input gradients and the attention output, keys and values kept for attention's backward
-#     (14h + 2q + 4kv a token), and the MLP's unsharded bf16 weight gradients (6hi) and a tile's temporaries
-#     (8 MLP_TILE i);
-#   - the attention's backward: the inputs and the gradient as above, the first norm's output, the output gradient and
-#     dQ, keys, values and their gradients, and one key/value head's float32 dK and dV, the row statistics and delta
-#     (8h + 4q + 8kv + 8D + 12H a token), and the micro-step's buffers (:func:`attention_step_bytes`).
+# - The full recipes: in a layer's backward, the loss done in chunks: AdamW's states and the embeddings' gradient
+#   shards (none on the device with offload_parameters); the layer's and the next layer's gathered bf16 parameters
+#   (FSDP2 prefetches one; the first layer none), with the float32 gradient buffer
+#   FSDP2 keeps until the next reduce-scatter (the previous layer's, 4p; the untied head's goes at the final norm's, a
+#   unit of its own; a tied head stays gathered with the model, 2Vh); and the largest of three moments, with 2(q + kv)
+#   more a token where queries and keys have norms
+#   (Qwen3), 2h a token for each layer whose checkpoint stays on the device and for the next layer's checkpoint when it
+#   is prefetched (offload_prefetch), and 6D + 16 for the rotary tables and positions. The norms are fused into what
+#   they feed (lightning_mqsp/tiling.py), so no norm's output is among them:
+#   - the MLP's backward: the layer's input, the gradient flowing back, the residual the MLP adds to, its tiles' input
+#     gradients, and the attention output, keys and values kept for attention's backward (6h + 2q + 4kv a token); the
+#     MLP's unsharded bf16 weight gradients (6hi) and a tile's temporaries (8 MLP_TILE i);
+#   - the attention's backward: the input and the gradient flowing back, the output gradient and dQ, keys, values and
+#     their gradients, one key/value head's float32 dK and dV, the row statistics and delta (4h + 4q + 8kv + 8D + 12H a
+#     token); the micro-step's buffers (:func:`attention_step_bytes`) and the layer's weight gradients so far
+#     (6hi + 2qh);
+#   - the rotary embedding's backward on dQ (the peak of models with few key/value heads): the input, the gradient,
+#     dQ and the three q-sized temporaries of Hugging Face's rotary backward, dK and dV (4h + 8q + 4kv a token), and
+#     the layer's weight gradients so far.
 #   On shorter sequences they peak in the loss instead: a chunk's float32 logits, softmax and gradient (LOSS_CHUNK_BYTES
 #   a chunk token and vocabulary entry) next to the hidden states (4h + 3D a token).
 # - Every recipe, on short sequences: at the optimizer step, with every float32 gradient and AdamW's temporaries for
@@ -188,22 +192,31 @@ def device_bytes(shape: ModelShape, point: Point) -> int:
     if recipe in OFFLOADING_RECIPES:
         states = 0 if recipe == "host_parameters" else 12 * n // p
         embedding_gradients = 4 * shape.embedding_parameters // p if recipe == "full" else 0
-        layer = 2 * shape.layer_parameters
+        layer_bytes = 2 * shape.layer_parameters  # a layer's bf16 parameters
         tied = shape.embedding_parameters == V * h
-        buffers = 2 * layer + (2 * V * h + 2 * layer if tied else max(4 * V * h, 2 * layer))
-        fixed = states + embedding_gradients + buffers
         offloaded = _offloaded(shape, point)
         kept = (d - offloaded) * 2 * h
-        prefetched = 2 * h if point.prefetch and offloaded else 0
-        per_token = 6 * D + 16 + (2 * (q + kv) if shape.qk_norm else 0) + kept + prefetched
+        per_token = 6 * D + 16 + (2 * (q + kv) if shape.qk_norm else 0) + kept
         mlp_gradients, output_gradients = 6 * h * i, 2 * q * h  # the layer's unsharded bf16 weight gradients so far
-        mlp_backward = fixed + mlp_gradients + 8 * MLP_TILE * i + t * (6 * h + 2 * q + 4 * kv + per_token)
-        fixed += mlp_gradients + output_gradients
         step = attention_step_bytes(shape.heads, D) * min(point.length, ESTIMATE_GATHERED_ROWS) * point.batch
-        attention_backward = fixed + step + t * (4 * h + 4 * q + 8 * kv + 8 * D + 12 * shape.heads + per_token)
-        rotary_backward = fixed + t * (4 * h + 8 * q + 4 * kv + per_token)
+
+        def layer_backward(prefetched_unit: int, prefetched_per_token: int) -> float:
+            """A layer's peak, with the next unit's bf16 parameters and the next checkpoint prefetched (or not)."""
+            # this layer's bf16 parameters and the previous layer's float32 gradient buffer (4p: twice layer_bytes)
+            fixed = states + embedding_gradients + 3 * layer_bytes + prefetched_unit + (2 * V * h if tied else 0)
+            token = per_token + prefetched_per_token
+            mlp_backward = fixed + mlp_gradients + 8 * MLP_TILE * i + t * (6 * h + 2 * q + 4 * kv + token)
+            fixed += mlp_gradients + output_gradients
+            attention_backward = fixed + step + t * (4 * h + 4 * q + 8 * kv + 8 * D + 12 * shape.heads + token)
+            rotary_backward = fixed + t * (4 * h + 8 * q + 4 * kv + token)
+            return max(mlp_backward, attention_backward, rotary_backward)
+
+        # The next layer's parameters, and its checkpoint with offload_prefetch (the first layer has neither: the
+        # embeddings are not gathered ahead, see strategy_fsdp.shard_huggingface_model).
+        later_layer = layer_backward(layer_bytes, 2 * h if point.prefetch and offloaded else 0)
+        first_layer = layer_backward(0, 0)
         loss_chunk = states + 2 * V * h + LOSS_CHUNK_BYTES * LOSS_CHUNK * V + t * (4 * h + 3 * D + kept)
-        moments = [mlp_backward, attention_backward, rotary_backward, loss_chunk] + ([optimizer_step] if recipe == "full" else [])
+        moments = [later_layer, first_layer, loss_chunk] + ([optimizer_step] if recipe == "full" else [])
         return int(max(moments))
     loss = 12 * V + 8 * h + 4 * D + 12
     if recipe == "ddp":
@@ -441,10 +454,11 @@ def assumptions(shape: ModelShape, hardware: Hardware, batch: int, causal: bool)
         f"budgets per rank: device {budget.device_bytes / GB:.1f} GB of live tensors (kernel workspaces, the CUDA context "
         f"and fragmentation not counted), host {budget.host_bytes / GB:.1f} GB ({hardware.host_memory_gb_per_node:g} GB a "
         f"node over {min(hardware.gpus, hardware.gpus_per_node)} ranks)",
-        "memory: the analytic model of docs/scaling.md (\"The planner\"), within 1.8% of the fake-tensor estimator at the "
+        "memory: the analytic model of docs/scaling.md (\"The planner\"), within 3% of the fake-tensor estimator at the "
         "points checked on Llama-3.1-8B's shape near the budgets; less sure elsewhere, listed there (--verify runs it)",
-        f"full recipes: checkpoints offloaded for the fewest layers that fit the device, loss chunks and MLP tiles of "
-        f"{LOSS_CHUNK} and {MLP_TILE} tokens, attention's backward one key/value head at a time",
+        f"full recipes: checkpoints offloaded for the fewest layers that fit the device, the next one brought back ahead "
+        f"(offload_prefetch) unless only without it the length fits, loss chunks and MLP tiles of {LOSS_CHUNK} and "
+        f"{MLP_TILE} tokens (norms fused into what they feed), attention's backward one key/value head at a time",
         f"time: {hardware.peak_tflops:g} TFLOP/s peak, linear layers at {hardware.matmul_efficiency:.0%} of it (assumed), "
         f"attention at {', '.join(f'{k}: {v:g}' for k, v in hardware.attention_tflops.items())} TFLOP/s (head_dim/causal; "
         f"benchmarks/RESULTS.md, or --kernel-json), {'causal' if causal else 'non-causal'} attention",

@@ -187,19 +187,41 @@ def shard_huggingface_model(model: PreTrainedModel, shard: Callable[[nn.Module],
 
     The embeddings are a unit of their own because a unit's parameters stay gathered from the first gradient that
     reaches its output to the end of its backward: with the base model, that is the whole backward (1 GB of bf16
-    Llama-3 embeddings on every device); alone, the embedding's backward only, at the end. Call :func:`make_root` once
-    the parameters are final."""
+    Llama-3 embeddings on every device); alone, the embedding's backward only, at the end. What runs between the last
+    layer and the head (the final norm) is a unit too: FSDP2 keeps a unit's float32 gradient buffer until the next
+    unit's reduce-scatter, so the head's (2.1 GB for Llama-3) goes at the tiny norm's, before the last layer's backward
+    instead of after it. The first layer does not gather the embeddings ahead of their backward. Call :func:`make_root`
+    once the parameters are final."""
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
-    for layer in [m for m in model.modules() if type(m).__name__ in layer_classes]:
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    for layer in layers:
         shard(layer)
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = isinstance(head, nn.Module) and _shares_parameters(head, embeddings)
     for part in (embeddings, head):
         if isinstance(part, nn.Module) and not tied and not isinstance(part, FSDPModule):
             shard(part)
+    if layers and isinstance(embeddings, FSDPModule) and isinstance(layers[0], FSDPModule):
+        # In backward the embeddings follow the first layer, and their backward reads no weight: gathered ahead (FSDP2's
+        # default prefetch) they would sit beside the first layer's peak (2Vh). A unit that prefetches itself prefetches
+        # nothing (it is gathered already); an empty list would mean the default.
+        layers[0].set_modules_to_backward_prefetch([layers[0]])
+    for part in _after_the_layers(model.base_model, layers):
+        shard(part)
     if model.base_model is not model:
         shard(model.base_model)
     shard(model)
+
+
+def _after_the_layers(base_model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """The base model's children registered after the one that holds the decoder layers, with parameters of their own
+    (the final norm of Hugging Face decoders: ``norm``, ``ln_f``, ``final_layer_norm``)."""
+    children = list(base_model.children())
+    holders = [i for i, child in enumerate(children) if any(layer is child or layer in child.modules() for layer in layers)]
+    if not holders:
+        return []
+    return [child for child in children[holders[-1] + 1 :] if any(True for _ in child.parameters())
+            and not isinstance(child, FSDPModule)]
 
 
 def make_root(model: nn.Module) -> None:

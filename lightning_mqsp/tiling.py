@@ -87,13 +87,14 @@ NORMS_FEED_PROJECTIONS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2Deco
 def tile_token_wise(model: nn.Module, tile_size: int) -> list[Callable[[], None]]:
     """Tile every MLP and normalisation layer of ``model`` (class names ending with one of ``TOKEN_WISE``), each norm
     fused into what it feeds in the layers of ``NORMS_FEED_PROJECTIONS``; return the undos."""
-    undos, fused = [], set()
+    undos: list[Callable[[], None]] = []
+    fused: set[nn.Module] = set()
     for layer in model.modules():
         if any(cls.__name__ in NORMS_FEED_PROJECTIONS for cls in type(layer).__mro__):  # FSDP2 subclasses the layer's class
-            attention = layer.self_attn
-            projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-            undos.append(fuse_norm_into(layer.input_layernorm, projections, tile_size))
-            undos.append(fuse_norm_into(layer.post_attention_layernorm, [layer.mlp], tile_size))
-            fused |= {layer.input_layernorm, layer.post_attention_layernorm, layer.mlp}
+            first_norm, second_norm, mlp = (layer.get_submodule(name) for name in ("input_layernorm", "post_attention_layernorm", "mlp"))
+            projections = [layer.get_submodule(f"self_attn.{name}") for name in ("q_proj", "k_proj", "v_proj")]
+            undos.append(fuse_norm_into(first_norm, projections, tile_size))
+            undos.append(fuse_norm_into(second_norm, [mlp], tile_size))
+            fused |= {first_norm, second_norm, mlp}
     tiled = [m for m in model.modules() if type(m).__name__.endswith(TOKEN_WISE) and m not in fused]
     return undos + [tile_sequence(module, tile_size) for module in tiled]

@@ -83,10 +83,12 @@ def test_mixed_precision_computes_in_bf16_and_keeps_float32_weights(tmp_path: Pa
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(run["reference"]["losses"]), rtol=1e-2, atol=0)
 
 
-def test_the_embeddings_are_a_unit_of_their_own_and_the_model_is_the_root_of_every_unit() -> None:
+def test_the_embeddings_and_the_final_norm_are_units_of_their_own_and_the_model_is_the_root_of_every_unit() -> None:
     """A step that calls the base model and then the head (the chunked loss) must not make each a root of its own
-    (the head's float32 gradient buffer would then live through the whole backward), and the embeddings must not stay
-    gathered with the base model through backward: the strategy's sharding, on a fake world of 2 ranks."""
+    (the head's float32 gradient buffer would then live through the whole backward); the embeddings must not stay
+    gathered with the base model through backward, nor be gathered ahead of their backward by the first layer; the
+    final norm's reduce-scatter frees the head's buffer before the last layer's backward: the strategy's sharding, on
+    a fake world of 2 ranks."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from lightning_mqsp.estimate import _world_meshes, fake_world, new_model
@@ -97,9 +99,12 @@ def test_the_embeddings_are_a_unit_of_their_own_and_the_model_is_the_root_of_eve
         model = new_model(model_config("tiny-llama", 64))
         shard_huggingface_model(model, lambda module: fully_shard(module, mesh=_world_meshes[2]))
         make_root(model)
-        embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-        assert isinstance(embeddings, FSDPModule) and isinstance(head, FSDPModule)
+        embeddings, head, norm = model.get_input_embeddings(), model.get_output_embeddings(), model.base_model.norm
+        assert all(isinstance(part, FSDPModule) for part in (embeddings, head, norm))
+        first = model.base_model.layers[0]
+        assert first._get_fsdp_state()._states_to_backward_prefetch == [first._get_fsdp_state()]  # nothing ahead
+        assert not model.base_model.layers[1]._get_fsdp_state()._states_to_backward_prefetch  # FSDP2's default
         root = model._get_fsdp_state()
-        states = [part._get_fsdp_state() for part in (embeddings, head, model.base_model)]
+        states = [part._get_fsdp_state() for part in (embeddings, head, norm, model.base_model)]
         assert root._is_root and not any(state._is_root for state in states)
         assert all(state._comm_ctx is root._comm_ctx for state in states)
