@@ -116,6 +116,8 @@ class Setup:
     offload_layers: int | None = None
     #: The full recipes: the strategies' ``offload_prefetch`` (the next layer's checkpoint brought back ahead).
     offload_prefetch: bool = True
+    #: The full recipes: the strategies' ``offload_queries`` (the attention's queries in host memory through backward).
+    offload_queries: bool = True
 
     @property
     def local_length(self) -> int:
@@ -174,7 +176,7 @@ def method_attention(setup: Setup) -> AttentionFn:
         full = setup.recipe in _FULL_RECIPES
         return lambda q, k, v, group: mqsp_attention(
             q, k, v, group=group, micro_q_size=micro_q_size, backend=setup.attention_backend,
-            head_groups=setup.config().num_key_value_heads if full else 1, offload_queries=full)
+            head_groups=setup.config().num_key_value_heads if full else 1, offload_queries=full and setup.offload_queries)
     if setup.method not in ATTENTION_METHODS:
         raise ValueError(f"method must be 'mqsp', 'none' or one of {sorted(ATTENTION_METHODS)}, got {setup.method!r}")
     return ATTENTION_METHODS[setup.method]

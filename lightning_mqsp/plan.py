@@ -168,6 +168,7 @@ class Point:
     batch: int = 1
     offloaded_layers: int | None = None  # None: every layer (offloading recipes only)
     prefetch: bool = True  # offload_prefetch: the next layer's checkpoint brought back while a layer's backward runs
+    queries_on_host: bool = True  # offload_queries: the attention's queries in host memory through backward
 
     @property
     def tokens(self) -> int:
@@ -200,21 +201,25 @@ def device_bytes(shape: ModelShape, point: Point) -> int:
         mlp_gradients, output_gradients = 6 * h * i, 2 * q * h  # the layer's unsharded bf16 weight gradients so far
         step = attention_step_bytes(shape.heads, D) * min(point.length, ESTIMATE_GATHERED_ROWS) * point.batch
 
-        def layer_backward(prefetched_unit: int, prefetched_per_token: int) -> float:
-            """A layer's peak, with the next unit's bf16 parameters and the next checkpoint prefetched (or not)."""
+        def layer_backward(prefetched_unit: int, prefetched_per_token: int, layers_done: int) -> float:
+            """A layer's peak, with the next unit's bf16 parameters and the next checkpoint prefetched (or not), after
+            ``layers_done`` layers' backward (their float32 gradient shards, on the device unless offload_parameters)."""
             # this layer's bf16 parameters and the previous layer's float32 gradient buffer (4p: twice layer_bytes)
             fixed = states + embedding_gradients + 3 * layer_bytes + prefetched_unit + (2 * V * h if tied else 0)
+            fixed += layers_done * 4 * shape.layer_parameters // p if recipe == "full" else 0
             token = per_token + prefetched_per_token
-            mlp_backward = fixed + mlp_gradients + 8 * MLP_TILE * i + t * (6 * h + 2 * q + 4 * kv + token)
+            queries = 0 if point.queries_on_host else 2 * q  # from the recomputation through attention's backward
+            mlp_backward = fixed + mlp_gradients + 8 * MLP_TILE * i + t * (6 * h + 2 * q + 4 * kv + queries + token)
             fixed += mlp_gradients + output_gradients
-            attention_backward = fixed + step + t * (4 * h + 4 * q + 8 * kv + 8 * D + 12 * shape.heads + token)
+            attention_backward = fixed + step + t * (4 * h + 4 * q + 8 * kv + 8 * D + 12 * shape.heads + queries + token)
             rotary_backward = fixed + t * (4 * h + 8 * q + 4 * kv + token)
             return max(mlp_backward, attention_backward, rotary_backward)
 
-        # The next layer's parameters, and its checkpoint with offload_prefetch (the first layer has neither: the
-        # embeddings are not gathered ahead, see strategy_fsdp.shard_huggingface_model).
-        later_layer = layer_backward(layer_bytes, 2 * h if point.prefetch and offloaded else 0)
-        first_layer = layer_backward(0, 0)
+        # The later a layer's backward, the more gradient shards beside it: the second layer's peak is the largest of
+        # those that prefetch the next layer's parameters, and its checkpoint with offload_prefetch; the first layer
+        # has neither (the embeddings are not gathered ahead, see strategy_fsdp.shard_huggingface_model).
+        later_layer = layer_backward(layer_bytes, 2 * h if point.prefetch and offloaded else 0, max(0, d - 2))
+        first_layer = layer_backward(0, 0, d - 1)
         loss_chunk = states + 2 * V * h + LOSS_CHUNK_BYTES * LOSS_CHUNK * V + t * (4 * h + 3 * D + kept)
         moments = [later_layer, first_layer, loss_chunk] + ([optimizer_step] if recipe == "full" else [])
         return int(max(moments))
@@ -238,7 +243,8 @@ def host_bytes(shape: ModelShape, point: Point) -> int:
         return 0
     offloaded = _offloaded(shape, point)
     after_last = 2 * shape.hidden if offloaded == shape.layers else 0
-    activations = point.tokens * (2 * shape.hidden * offloaded + max(after_last, 2 * shape.query_width))
+    queries = 2 * shape.query_width if point.queries_on_host else 0
+    activations = point.tokens * (2 * shape.hidden * offloaded + max(after_last, queries))
     if point.recipe != "host_parameters":
         return activations
     # The float32 shards and AdamW's moments, and from the loss's backward on the output head's gradient shard
@@ -273,13 +279,18 @@ def fewest_offloaded_layers(shape: ModelShape, point: Point, budget: Budget) -> 
     return None
 
 
+#: The offloading recipes' (offload_prefetch, offload_queries) in the order :func:`best_point` tries them: the copies
+#: each saves first (prefetch hides the checkpoints' copies back; queries on the device make none), then memory.
+OFFLOAD_CHOICES = ((True, False), (True, True), (False, False), (False, True))
+
+
 def best_point(shape: ModelShape, point: Point, budget: Budget) -> Point | None:
-    """``point`` with the layers to offload chosen (offloading recipes), prefetching the checkpoints unless only
-    without it the point fits; None when it does not fit."""
+    """``point`` with the layers to offload chosen (offloading recipes), prefetching the checkpoints and keeping the
+    queries on the device unless only otherwise the point fits (``OFFLOAD_CHOICES``); None when it does not fit."""
     if point.recipe not in OFFLOADING_RECIPES:
         return point if fits(shape, point, budget) else None
-    for prefetch in (True, False):
-        candidate = replace(point, prefetch=prefetch)
+    for prefetch, queries_on_host in OFFLOAD_CHOICES:
+        candidate = replace(point, prefetch=prefetch, queries_on_host=queries_on_host)
         offloaded = fewest_offloaded_layers(shape, candidate, budget)
         if offloaded is not None:
             return replace(candidate, offloaded_layers=offloaded)
@@ -410,7 +421,7 @@ def step_time(shape: ModelShape, point: Point, hardware: Hardware, causal: bool 
     offload_s = 0.0
     if full:
         offloaded = _offloaded(shape, point)
-        copies_s = 2 * t * (2 * h * offloaded + d * 2 * q) / (hardware.pcie_gbps * GB)
+        copies_s = 2 * t * (2 * h * offloaded + (d * 2 * q if point.queries_on_host else 0)) / (hardware.pcie_gbps * GB)
         offload_s = max(0.0, copies_s - (matmul_s + attention_s))  # hidden behind the kernels, up to their time
         if not point.prefetch:  # each checkpoint's copy back waits for backward to ask for it
             offload_s += t * 2 * h * offloaded / (hardware.pcie_gbps * GB)
@@ -498,6 +509,7 @@ def plan_rows(shape: ModelShape, hardware: Hardware, batch: int = 1, length: int
         row |= {"length": point.length, "device_gb": device_bytes(shape, point) / GB, "host_gb": host_bytes(shape, point) / GB,
                 "offloaded_layers": _offloaded(shape, point) if recipe in OFFLOADING_RECIPES else None,
                 "offload_prefetch": point.prefetch if recipe in OFFLOADING_RECIPES else None,
+                "offload_queries": point.queries_on_host if recipe in OFFLOADING_RECIPES else None,
                 "step_seconds": timing["seconds"], "mfu": timing["mfu"], "dominant": timing["dominant"],
                 "time_parts": timing["parts"], "micro_q_size": timing["micro_q_size"]}
         rows.append(row)
@@ -517,6 +529,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         offloaded = "-" if row["offloaded_layers"] is None else str(row["offloaded_layers"])
         if row.get("offload_prefetch") is False:
             offloaded += ", no prefetch"
+        if row.get("offload_queries") is False:
+            offloaded += ", queries on device"
         lines.append((row["recipe"], f"{row['longest']:,}", f"{row['longest_device_only']:,}", f"{row['length']:,}",
                       f"{row['device_gb']:.1f}", f"{row['host_gb']:.1f}", offloaded, f"{row['step_seconds']:.1f}",
                       f"{100 * row['mfu']:.0f}%", row["dominant"], str(row["micro_q_size"])))
@@ -537,7 +551,7 @@ def write_config(path: Path, shape: ModelShape, row: dict[str, Any], hardware: H
         args["activation_checkpointing"] = True
     if recipe in OFFLOADING_RECIPES:
         args |= {"offload_activations": True, "offload_activation_layers": row["offloaded_layers"],
-                 "offload_prefetch": row["offload_prefetch"], "mlp_tile_size": MLP_TILE,
+                 "offload_prefetch": row["offload_prefetch"], "offload_queries": row["offload_queries"], "mlp_tile_size": MLP_TILE,
                  "attention_head_groups": shape.kv_heads, "offload_parameters": recipe == "host_parameters"}
     strategy = "lightning_mqsp.MQSPStrategy" if recipe == "ddp" else "lightning_mqsp.MQSPFSDPStrategy"
     preset = "llama-8b" if shape.name in ("llama-8b", "llama-3.1-8b") else None
@@ -563,7 +577,8 @@ def verify(config: PretrainedConfig, row: dict[str, Any], hardware: Hardware, ba
 
     quiet()
     setup = Setup(config, "mqsp", row["length"], hardware.gpus, batch=batch, recipe=row["recipe"], attention_backend="triton",
-                  optimizer_foreach=False, offload_prefetch=row.get("offload_prefetch") is not False)
+                  optimizer_foreach=False, offload_prefetch=row.get("offload_prefetch") is not False,
+                  offload_queries=row.get("offload_queries") is not False)
     device, host = extrapolated_memory(setup, RECIPE_PROBE_LAYERS)
     return {"device_bytes": device, "host_bytes": host}
 
@@ -615,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.verify:
         assert chosen is not None
         result["verify"] = {"recipe": chosen["recipe"], "length": chosen["length"], "offload_prefetch": chosen.get("offload_prefetch"),
-                            **verify(config, chosen, hardware, args.batch)}
+                            "offload_queries": chosen.get("offload_queries"), **verify(config, chosen, hardware, args.batch)}
     if args.write_config:
         assert chosen is not None
         command = "lightning-mqsp plan " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -628,7 +643,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     if "verify" in result:
         v = result["verify"]
-        point = Point(v["recipe"], v["length"], hardware.gpus, args.batch, prefetch=v.get("offload_prefetch") is not False)
+        point = Point(v["recipe"], v["length"], hardware.gpus, args.batch, prefetch=v.get("offload_prefetch") is not False,
+                      queries_on_host=v.get("offload_queries") is not False)
         print(f"\nverify {v['recipe']} at {v['length']:,} (every checkpoint offloaded): fake-tensor estimate device "
               f"{v['device_bytes'] / GB:.2f} GB, host {v['host_bytes'] / GB:.2f} GB; the model, the same point: device "
               f"{device_bytes(shape, point) / GB:.2f} GB, host {host_bytes(shape, point) / GB:.2f} GB")

@@ -69,6 +69,7 @@ class SequenceParallelism(ParallelStrategy):
         predict_outputs: PredictOutputs,
         offload_activation_layers: OffloadLayers = None,
         offload_prefetch: bool = True,
+        offload_queries: bool | None = None,
     ) -> None:
         check_layout(layout)
         if predict_outputs not in PREDICT_OUTPUTS:
@@ -85,10 +86,12 @@ class SequenceParallelism(ParallelStrategy):
         #: The one object that carries the sequence-parallel settings to every attention call.
         if isinstance(attention_head_groups, bool) or not (isinstance(attention_head_groups, int) and attention_head_groups >= 1):
             raise ValueError(f"attention_head_groups must be a positive int, got {attention_head_groups!r}.")
-        # With offload, the attention keeps its queries in host memory through backward as well.
+        # With offload, the attention keeps its queries in host memory through backward as well, unless told not to.
+        if offload_queries is not None and not isinstance(offload_queries, bool):
+            raise ValueError(f"offload_queries must be True, False or None (as offload_activations), got {offload_queries!r}.")
         self.sequence_parallel = SequenceParallelContext(
             layout=layout, micro_q_size=micro_q_size, backend=attention_backend, head_groups=attention_head_groups,
-            offload_queries=offload_activations,
+            offload_queries=offload_activations if offload_queries is None else offload_queries,
         )
         self.sequence_keys = tuple(sequence_keys)
         self.pad_token_id = pad_token_id

@@ -68,6 +68,10 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
             backward runs (default), which hides the copy but holds one more hidden state a token on the device at the
             layer's peak; False: each copy back starts when backward needs it and waits (at the lengths offload is for,
             a fraction of a percent of a step). ``lightning-mqsp plan`` turns it off only where the memory needs it.
+        offload_queries: whether the attention keeps its queries in host memory from forward through backward, a
+            micro-step's rows copied back at a time. None (default): as ``offload_activations``. On the device they
+            cost no copies, and the device's peak nothing where it falls after attention's backward (the rotary
+            embedding's backward of models with few key/value heads); ``lightning-mqsp plan`` chooses it.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes.
     """
 
@@ -91,11 +95,12 @@ class MQSPStrategy(SequenceParallelism, DDPStrategy):
         predict_outputs: PredictOutputs = "shard",
         offload_activation_layers: int | float | None = None,
         offload_prefetch: bool = True,
+        offload_queries: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._configure_sequence_parallelism(
             sequence_parallel_size, micro_q_size, attention_backend, layout, sequence_keys, pad_token_id, shift_labels,
             allow_sequence_pooling, sequence_parallel_timeout, activation_checkpointing, offload_activations, mlp_tile_size,
-            attention_head_groups, predict_outputs, offload_activation_layers, offload_prefetch,
+            attention_head_groups, predict_outputs, offload_activation_layers, offload_prefetch, offload_queries,
         )

@@ -114,3 +114,12 @@ def test_the_strategies_take_offload_prefetch_as_a_bool(strategy: type) -> None:
     assert strategy(offload_activations=True, offload_prefetch=False).offload_prefetch is False
     with pytest.raises(ValueError, match="offload_prefetch must be True or False"):
         strategy(offload_activations=True, offload_prefetch="no")
+
+
+@pytest.mark.parametrize("strategy", [MQSPStrategy, MQSPFSDPStrategy])
+def test_offload_queries_follows_offload_activations_unless_given(strategy: type) -> None:
+    assert strategy(offload_activations=True).sequence_parallel.offload_queries is True
+    assert strategy(offload_activations=True, offload_queries=False).sequence_parallel.offload_queries is False
+    assert strategy(offload_queries=True).sequence_parallel.offload_queries is True
+    with pytest.raises(ValueError, match="offload_queries must be True, False or None"):
+        strategy(offload_activations=True, offload_queries="no")
