@@ -122,13 +122,14 @@ def load_config(model: str) -> tuple[str, PretrainedConfig]:
 #   checkpointing its bf16 input hidden states (2h). DDP also keeps the head's bf16 weights (2Vh).
 # - The full recipes: in a layer's backward, the loss done in chunks: AdamW's states and the embeddings' gradient
 #   shards (none on the device with offload_parameters); the layer's and the next layer's gathered bf16 parameters
-#   (FSDP2 prefetches one; the first layer none), with the float32 gradient buffer
-#   FSDP2 keeps until the next reduce-scatter (the previous layer's, 4p; the untied head's goes at the final norm's, a
-#   unit of its own; a tied head stays gathered with the model, 2Vh); and the largest of three moments, with 2(q + kv)
-#   more a token where queries and keys have norms
-#   (Qwen3), 2h a token for each layer whose checkpoint stays on the device and for the next layer's checkpoint when it
-#   is prefetched (offload_prefetch), and 6D + 16 for the rotary tables and positions. The norms are fused into what
-#   they feed (lightning_mqsp/tiling.py), so no norm's output is among them:
+#   (FSDP2 prefetches one; the first layer none), with the float32 gradient buffer FSDP2 keeps until the next
+#   reduce-scatter (the previous layer's, 4p; the untied head's goes at the final norm's, a unit of its own; a tied
+#   head stays gathered with the model, 2Vh); the gradient shards of the layers done; and the largest of three
+#   moments, with 2(q + kv) more a token where queries and keys have norms (Qwen3), 2h a token for each layer whose
+#   checkpoint stays on the device and for the next layer's checkpoint when it is prefetched (offload_prefetch), 2q at
+#   the first two moments when the queries stay on the device (offload_queries), and 6D + 16 for the rotary tables
+#   and positions. The norms are fused into what they feed (lightning_mqsp/tiling.py), so no norm's output is among
+#   them:
 #   - the MLP's backward: the layer's input, the gradient flowing back, the residual the MLP adds to, its tiles' input
 #     gradients, and the attention output, keys and values kept for attention's backward (6h + 2q + 4kv a token); the
 #     MLP's unsharded bf16 weight gradients (6hi) and a tile's temporaries (8 MLP_TILE i);
@@ -144,8 +145,8 @@ def load_config(model: str) -> tuple[str, PretrainedConfig]:
 # - Every recipe, on short sequences: at the optimizer step, with every float32 gradient and AdamW's temporaries for
 #   its largest tensor (8 bytes an element of the Vh embeddings).
 #
-# Each term is the fake-tensor estimator's (lightning_mqsp.estimate) to the byte on Llama-3.1-8B's shape at P = 8
-# (tests/test_plan.py checks points of it and of others).
+# Each term is a byte count of tensors the fake-tensor estimator (lightning_mqsp.estimate) sees at that moment;
+# tests/test_plan.py checks points of Llama-3.1-8B and others against it, docs/scaling.md lists the rest.
 
 def attention_step_bytes(heads: int, head_dim: int) -> int:
     """Bytes a micro-step of the attention's backward holds per gathered row (the fake-tensor estimator's): the rows of
@@ -249,8 +250,8 @@ def host_bytes(shape: ModelShape, point: Point) -> int:
         return activations
     # The float32 shards and AdamW's moments, and from the loss's backward on the output head's gradient shard
     # (the other layers' arrive as backward frees their checkpoints).
-    head = shape.embedding_parameters - shape.vocab * shape.hidden if shape.embedding_parameters > shape.vocab * shape.hidden else 0
-    return activations + (12 * shape.parameters_at(point.length) + 4 * head) // point.world_size
+    untied_head = shape.embedding_parameters - shape.vocab * shape.hidden  # 0 when tied to the input embeddings
+    return activations + (12 * shape.parameters_at(point.length) + 4 * untied_head) // point.world_size
 
 
 @dataclass(frozen=True)

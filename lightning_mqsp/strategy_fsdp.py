@@ -7,9 +7,9 @@ layer's parameters only while the layer runs. Gradients are reduce-scattered wit
 the world, which, with the full-sequence loss on every rank, is exactly what DDP's all-reduce gives.
 
 Hugging Face models are sharded automatically (:func:`shard_huggingface_model`): one unit per decoder layer (the
-model's ``_no_split_modules``), the input embeddings and the output head each on their own (so that a loss computed
-from the hidden states, :func:`~lightning_mqsp.chunked_cross_entropy`, can call the head), the base model and the
-model itself, which is made the root of them all. A LightningModule whose ``configure_model`` shards its model
+model's ``_no_split_modules``), the input embeddings, the final norm and the output head each on their own (so that a
+loss computed from the hidden states, :func:`~lightning_mqsp.chunked_cross_entropy`, can call the head), the base
+model and the model itself, which is made the root of them all. A LightningModule whose ``configure_model`` shards its model
 itself is left as it is. With ``offload_parameters`` the shards, their gradients and the optimizer
 state live in host memory (FSDP2 ``CPUOffloadPolicy``), as ZeRO-3's offload does for ALST on one GPU.
 """

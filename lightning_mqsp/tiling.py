@@ -14,6 +14,9 @@ weight gradient adds the tiles one by one).
 
 from __future__ import annotations
 
+import inspect
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -79,9 +82,41 @@ def fuse_norm_into(norm: nn.Module, consumers: list[nn.Module], tile_size: int) 
 #: and normalisation layers (LlamaRMSNorm, torch's LayerNorm, T5LayerNorm, ...), which normalise each token on its own.
 TOKEN_WISE = ("MLP", "RMSNorm", "LayerNorm")
 #: Decoder layers whose ``input_layernorm`` feeds the attention's query, key and value projections and nothing else, and
-#: whose ``post_attention_layernorm`` feeds their ``mlp`` and nothing else (checked in their sources by
-#: ``tests/test_tiling.py``): :func:`tile_token_wise` fuses each norm into what it feeds (:func:`fuse_norm_into`).
+#: whose ``post_attention_layernorm`` feeds their ``mlp`` and nothing else: :func:`tile_token_wise` fuses each norm into
+#: what it feeds (:func:`fuse_norm_into`), once :func:`norms_feed_only_projections` has found so in their source.
 NORMS_FEED_PROJECTIONS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+_premise_holds: dict[tuple[type[nn.Module], type[nn.Module]], bool] = {}
+
+
+def norms_feed_only_projections(layer_class: type[nn.Module], attention_class: type[nn.Module]) -> bool:
+    """Whether the sources of a decoder layer's ``forward`` and its attention's show the fusion's premise: the first
+    norm's output goes to the attention alone, which reads it for its shape and its query, key and value projections
+    alone, and the second norm's output goes to the MLP alone, whose output is added to the residual. A transformers
+    release that changes either makes this False (and the fusion is then not made). Read once per pair of classes."""
+    key = (layer_class, attention_class)
+    if key not in _premise_holds:
+        _premise_holds[key] = _premise_in_source(layer_class, attention_class)
+    return _premise_holds[key]
+
+
+def _premise_in_source(layer_class: type[nn.Module], attention_class: type[nn.Module]) -> bool:
+    try:
+        layer = inspect.getsource(layer_class.forward)
+        attention = inspect.getsource(attention_class.forward)
+    except (OSError, TypeError):
+        return False
+    first = re.search(r"hidden_states = self\.input_layernorm\(hidden_states\)\s+(#[^\n]*\s+)?hidden_states, _ = "
+                      r"self\.self_attn\(\s*hidden_states=hidden_states,", layer)
+    second = re.search(r"hidden_states = self\.post_attention_layernorm\(hidden_states\)\s+hidden_states = "
+                       r"self\.mlp\(hidden_states\)\s+hidden_states = residual \+ hidden_states", layer)
+    once = layer.count("self.input_layernorm") == layer.count("self.post_attention_layernorm") == 1
+    uses = [line.strip() for line in attention.splitlines() if re.search(r"\bhidden_states\b", line)]
+    reads = [use for use in uses if use not in ("hidden_states: torch.Tensor,", "input_shape = hidden_states.shape[:-1]")]
+    projections_only = len(reads) == 3 and all(
+        "hidden_states" not in re.sub(r"self\.[qkv]_proj\(hidden_states\)", "", use) for use in reads)
+    return bool(first and second and once and projections_only)
 
 
 def tile_token_wise(model: nn.Module, tile_size: int) -> list[Callable[[], None]]:
@@ -90,11 +125,18 @@ def tile_token_wise(model: nn.Module, tile_size: int) -> list[Callable[[], None]
     undos: list[Callable[[], None]] = []
     fused: set[nn.Module] = set()
     for layer in model.modules():
-        if any(cls.__name__ in NORMS_FEED_PROJECTIONS for cls in type(layer).__mro__):  # FSDP2 subclasses the layer's class
-            first_norm, second_norm, mlp = (layer.get_submodule(name) for name in ("input_layernorm", "post_attention_layernorm", "mlp"))
-            projections = [layer.get_submodule(f"self_attn.{name}") for name in ("q_proj", "k_proj", "v_proj")]
-            undos.append(fuse_norm_into(first_norm, projections, tile_size))
-            undos.append(fuse_norm_into(second_norm, [mlp], tile_size))
-            fused |= {first_norm, second_norm, mlp}
+        if not any(cls.__name__ in NORMS_FEED_PROJECTIONS for cls in type(layer).__mro__):  # FSDP2 subclasses it
+            continue
+        attention = layer.get_submodule("self_attn")
+        if not norms_feed_only_projections(type(layer), type(attention)):  # the forward it runs, overridden or not
+            warnings.warn(f"{type(layer).__name__}'s source does not show its norms feeding only the attention's "
+                          "projections and the MLP: its norms and MLP are tiled apart, not fused (one hidden state a token "
+                          "more at each layer's backward)", stacklevel=2)
+            continue
+        first_norm, second_norm, mlp = (layer.get_submodule(name) for name in ("input_layernorm", "post_attention_layernorm", "mlp"))
+        projections = [attention.get_submodule(name) for name in ("q_proj", "k_proj", "v_proj")]
+        undos.append(fuse_norm_into(first_norm, projections, tile_size))
+        undos.append(fuse_norm_into(second_norm, [mlp], tile_size))
+        fused |= {first_norm, second_norm, mlp}
     tiled = [m for m in model.modules() if type(m).__name__.endswith(TOKEN_WISE) and m not in fused]
     return undos + [tile_sequence(module, tile_size) for module in tiled]
